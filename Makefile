@@ -1,0 +1,51 @@
+# lordo: two commands do everything on a fresh machine.
+#   make reproduce   the default reproduction: every notebook on the `cpu` preset -> results/, paper_figures/
+#   make test        lint, unit + distributed tests, and every notebook through nbmake
+# Both create or update the local virtual environment .venv first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PRESET ?= cpu
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: env test lint reproduce paper lab bench clean
+
+env: $(STAMP)
+
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lordo)" >/dev/null
+	touch $(STAMP)
+
+lint: env
+	$(BIN)/ruff check lordo tests benchmarks notebooks
+
+test: lint
+	$(BIN)/pytest -q tests
+	$(BIN)/pytest -q --nbmake --nbmake-timeout=300 notebooks
+
+reproduce: env
+	$(BIN)/python -m lordo.reproduce --preset $(PRESET)
+
+paper: PRESET = paper
+paper: reproduce
+
+lab: env
+	$(BIN)/jupyter lab notebooks
+
+bench: env
+	$(BIN)/python benchmarks/optimizer_step.py
+	$(BIN)/python benchmarks/trainer_throughput.py
+
+# Removes generated notebooks and caches of prepared data; never the cached runs in runs/.
+clean:
+	rm -rf results .pytest_cache .ruff_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,60 @@
+"""Start a run's workers as real processes with torchrun (`torch.distributed.run`).
+
+`lordo train --launcher torchrun --nproc-per-node N [--nnodes K --node-rank i --rdzv-endpoint host:port]`
+prepares the data once, then runs this module as every rank: each joins the process group
+(NCCL on GPUs, gloo on CPU with one thread per rank) and runs `lordo.trainer.worker`, the same
+loop the simulated launcher runs in threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from lordo.config import TrainConfig
+from lordo.trainer import latest_checkpoint
+
+
+def torchrun_command(cfg: TrainConfig, run_dir: Path, resume: bool, stop_at: int | None) -> list[str]:
+    nproc = cfg.nproc_per_node or cfg.workers // cfg.nnodes
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={cfg.nnodes}"]
+    if cfg.nnodes > 1 or cfg.rdzv_endpoint:
+        if not cfg.rdzv_endpoint:
+            raise ValueError("config field rdzv_endpoint=None is invalid: allowed host:port of node 0 when nnodes > 1")
+        cmd += [f"--node-rank={cfg.node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
+                f"--rdzv-id=lordo-{cfg.hash()}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", "lordo.launch", "--run-dir", str(run_dir)]
+    if resume:
+        cmd += ["--resume"]
+    if stop_at is not None:
+        cmd += ["--stop-at", str(stop_at)]
+    return cmd
+
+
+def launch_torchrun(cfg: TrainConfig, run_dir: Path, resume: bool, stop_at: int | None) -> None:
+    """Run every local rank to completion; on failure, raise naming the failed rank(s)."""
+    shutil.rmtree(run_dir / "errors", ignore_errors=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    code = subprocess.run(torchrun_command(cfg, run_dir, resume, stop_at), env=env).returncode
+    if code != 0:
+        failed = sorted((run_dir / "errors").glob("rank*.txt"))
+        detail = "; ".join(f.read_text().strip() for f in failed) or "see torchrun's report above"
+        step = latest_checkpoint(run_dir)
+        kept = f"last checkpoint: step {step}, intact" if step is not None else "no checkpoint was written yet"
+        raise RuntimeError(f"torchrun exited with status {code}: {detail} ({kept}, in {run_dir})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one torchrun rank of a lordo run (started by lordo.launch)")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--stop-at", type=int, default=None)
+    args = parser.parse_args()
+    from lordo.trainer import main_worker
+    main_worker(args.run_dir, args.resume, args.stop_at)

@@ -1,0 +1,103 @@
+"""ComputeProjection and the subspace measures, batched over stacks of same-shape matrices.
+
+Every function takes a stack X of shape (n, p, q) and works on the left side: the projection
+of an oriented matrix is its top-r left singular vectors, Q of shape (n, p, r), orthonormal
+columns. The optimizer orients each weight so that p <= q (GaLore's rule), so Q is always the
+small side.
+
+Determinism is what lets every replica hold the same Q without sending it: the same input
+bits give the same output bits (randomized sketches draw from a generator seeded by the
+caller), and `canonical_signs` fixes the one freedom every method leaves, a column's sign.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROJ_METHODS = ("svd", "randomized", "power")
+
+
+def canonical_signs(Q: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its largest-magnitude entry is positive."""
+    idx = Q.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(Q, -2, idx))
+    return Q * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def _ritz(X: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
+    """Best rank-r left singular vectors of X within span(basis) (Rayleigh-Ritz)."""
+    B = basis.mT @ X                                          # (n, l, q), l small
+    U, _, _ = torch.linalg.svd(B, full_matrices=False)
+    return basis @ U[..., :rank]
+
+
+def compute_projection(X: torch.Tensor, rank: int, method: str = "randomized", *, prev: torch.Tensor | None = None,
+                       seed: int = 0, iters: int = 2, oversample: int = 8) -> torch.Tensor:
+    """Top-`rank` left singular vectors of each matrix in X (n, p, q), as (n, p, rank).
+
+    svd        exact, `torch.linalg.svd` (seconds for large matrices on a CPU)
+    randomized Halko-Martinsson-Tropp sketch with `oversample` extra columns and `iters`
+               power iterations, from a Gaussian sketch seeded by `seed`
+    power      block power iteration warm-started from `prev` (the last Q; a seeded sketch
+               when there is none), `iters` steps, then a Rayleigh-Ritz rotation
+    Computed in float32 at least; returned in X's dtype.
+    """
+    if method not in PROJ_METHODS:
+        raise ValueError(f"proj_method={method!r} is not one of {PROJ_METHODS}")
+    n, p, q = X.shape
+    if not 1 <= rank <= min(p, q):
+        raise ValueError(f"rank={rank} must be in [1, {min(p, q)}] for {p}x{q} matrices")
+    dtype = X.dtype
+    X = X.float() if dtype in (torch.float16, torch.bfloat16) else X
+    if method == "svd":
+        Q = torch.linalg.svd(X, full_matrices=False)[0][..., :rank]
+    else:
+        if method == "power" and prev is not None:
+            Y = prev.to(X.dtype)
+        else:
+            width = min(rank + oversample, p, q)
+            gen = torch.Generator(device=X.device).manual_seed(seed)
+            sketch = torch.randn(n, q, width, generator=gen, device=X.device, dtype=X.dtype)
+            Y = X @ sketch
+        Y = torch.linalg.qr(Y)[0]
+        for _ in range(iters):
+            Y = torch.linalg.qr(X @ (X.mT @ Y))[0]
+        Q = _ritz(X, Y, rank)
+    return canonical_signs(Q).to(dtype)
+
+
+def basis_similarity(Q_new: torch.Tensor, Q_old: torch.Tensor) -> torch.Tensor:
+    """mean(sigma^2(Q_new^T Q_old)) per matrix: 1 for the same subspace, r/p for random ones."""
+    return ((Q_new.mT @ Q_old).square().sum(dim=(-2, -1)) / Q_new.shape[-1]).clamp(0, 1)
+
+
+def energy_outside(Q: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Fraction of ||X||_F^2 outside span(Q), per matrix (0 where X is zero).
+
+    From the residual itself: 1 - inside/total would lose small fractions to cancellation.
+    """
+    total = X.square().sum(dim=(-2, -1))
+    outside = (X - Q @ (Q.mT @ X)).square().sum(dim=(-2, -1))
+    return torch.where(total > 0, outside / total.clamp_min(torch.finfo(X.dtype).tiny), torch.zeros_like(total))
+
+
+def projection_distance(Q_a: torch.Tensor, Q_b: torch.Tensor) -> torch.Tensor:
+    """||Q_a Q_a^T - Q_b Q_b^T||_F / sqrt(2r): 0 for the same subspace, 1 for orthogonal ones."""
+    r = Q_a.shape[-1]
+    return (2 * r - 2 * (Q_a.mT @ Q_b).square().sum(dim=(-2, -1))).clamp_min(0).sqrt() / (2 * r) ** 0.5
+
+
+def extend_basis(basis: torch.Tensor | None, Q: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    """Orthonormal basis of span(basis) + span(Q) for one matrix (p, k) and (p, r).
+
+    Directions of Q whose component outside `basis` has singular value below `tol` are taken
+    as already explored. Used for the dimension of the union of subspaces visited.
+    """
+    if basis is None:
+        return Q.clone()
+    if basis.shape[-1] >= basis.shape[-2]:
+        return basis
+    residual = Q - basis @ (basis.mT @ Q)
+    U, S, _ = torch.linalg.svd(residual, full_matrices=False)
+    new = U[:, S > tol][:, : basis.shape[-2] - basis.shape[-1]]
+    return torch.cat([basis, new], dim=-1)
