@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from lordo.config import TrainConfig, load_config, make_config
+from lordo.launch import LaunchError
 
 
 def _value(text: str) -> Any:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     handler = {"train": _train, "prepare": _prepare, "export": _export, "eval": _eval}[args.command]
     try:
         handler(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ConnectionError, LaunchError) as e:
         print(f"lordo {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

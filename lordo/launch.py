@@ -9,10 +9,13 @@ loop the simulated launcher runs in threads.
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from lordo.config import TrainConfig
@@ -37,18 +40,49 @@ def torchrun_command(cfg: TrainConfig, run_dir: Path, resume: bool, stop_at: int
     return cmd
 
 
+def _tee(source, sink, tail: list[str]) -> None:
+    """Pass a stream through as it comes (progress bars included; Jupyter too) and keep its last 64 KiB."""
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+    while chunk := os.read(source.fileno(), 4096):
+        text = decode(chunk)
+        sink.write(text)
+        sink.flush()
+        tail.append(text)
+        while sum(map(len, tail)) > 65536:
+            tail.pop(0)
+
+
 def launch_torchrun(cfg: TrainConfig, run_dir: Path, resume: bool, stop_at: int | None) -> None:
     """Run every local rank to completion; on failure, raise naming the failed rank(s)."""
     shutil.rmtree(run_dir / "errors", ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    code = subprocess.run(torchrun_command(cfg, run_dir, resume, stop_at), env=env).returncode
+    proc = subprocess.Popen(torchrun_command(cfg, run_dir, resume, stop_at), env=env, stderr=subprocess.PIPE)
+    tail: list[str] = []
+    reader = threading.Thread(target=_tee, args=(proc.stderr, sys.stderr, tail))
+    reader.start()
+    code = proc.wait()
+    reader.join()
     if code != 0:
-        failed = sorted((run_dir / "errors").glob("rank*.txt"))
-        detail = "; ".join(f.read_text().strip() for f in failed) or "see torchrun's report above"
         step = latest_checkpoint(run_dir)
         kept = f"last checkpoint: step {step}, intact" if step is not None else "no checkpoint was written yet"
-        raise RuntimeError(f"torchrun exited with status {code}: {detail} ({kept}, in {run_dir})")
+        raise LaunchError(f"torchrun exited with status {code}: {_first_failure(''.join(tail), run_dir)} "
+                          f"({kept}, in {run_dir})")
 
+
+class LaunchError(RuntimeError):
+    """A torchrun launch failed; the message names the rank that failed first."""
+
+
+def _first_failure(report: str, run_dir: Path) -> str:
+    """The root cause: torchrun's report names it even for a rank killed by a signal (which writes
+    nothing); a rank that raised left its error in errors/rank<r>.txt. Other ranks fail after it."""
+    root = re.search(r"Root Cause.*?\brank\s*: (\d+) \(local_rank.*?exitcode\s*: ([^\n]*)", report, re.S)
+    if root is None:
+        errors = sorted((run_dir / "errors").glob("rank*.txt"))
+        return errors[0].read_text().strip() if errors else "see torchrun's report above"
+    rank, exitcode = root.group(1), " ".join(root.group(2).split())
+    error = run_dir / "errors" / f"rank{rank}.txt"
+    return error.read_text().strip() if error.is_file() else f"rank {rank} failed (exit code {exitcode})"
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one torchrun rank of a lordo run (started by lordo.launch)")

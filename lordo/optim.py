@@ -333,8 +333,9 @@ class LoRDO(torch.optim.Optimizer):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         if not self.method.local:
             self._all_reduce_mean(grads, "gradients")
-        if self._finite_and_clipped(grads):
-            self._refresh_before_step(grads)
+        finite = self._finite_and_clipped(grads)
+        self._refresh_before_step(grads, finite)
+        if finite:
             self._adamw_step(grads)
             for b in self.buckets:
                 self._lowrank_step(b, [grads[i] for i in b.indices])
@@ -405,18 +406,19 @@ class LoRDO(torch.optim.Optimizer):
         torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr)
 
     # ------------------------------------------------------------------ projections
-    def _refresh_before_step(self, grads: list[torch.Tensor]) -> None:
+    def _refresh_before_step(self, grads: list[torch.Tensor], finite: bool) -> None:
         """First Q (every low-rank method) and lowrank_ddp's periodic refresh, from gradients."""
         if not self.buckets:
             return
-        source = self.method.projection
-        if self.steps > 0 and not (source == "gradient" and self.steps % self.hparams["proj_every"] == 0):
-            return
-        if source == "global" and self.steps == 0:
+        source, first = self.method.projection, self.buckets[0].Q is None
+        if source == "global" and first:
             # Before the first sync there is no pseudo-gradient: one full-size all-reduce of the
-            # matrices' gradients gives every worker the same first Q.
-            grads = [g.clone() for g in grads]
+            # matrices' gradients gives every worker the same first Q. A worker skipping a non-finite
+            # step still takes part (with zeros), so the collective stays matched across workers.
+            grads = [g.clone() if finite else torch.zeros_like(g) for g in grads]
             self._all_reduce_mean([grads[i] for b in self.buckets for i in b.indices], "first_projection")
+        elif not finite or not (first or source == "gradient" and self.steps % self.hparams["proj_every"] == 0):
+            return
         self._refresh(self._stacked(grads))
 
     def _stacked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ import torch
 from lordo.comm import Communicator, run_simulated
 from lordo.config import TrainConfig, make_config
 from lordo.data import Batches, Prepared, prepare, val_windows
-from lordo.model import GPT, model_config
+from lordo.files import read_jsonl, save_torch, write_json, write_jsonl
+from lordo.model import GPT, ModelConfig, model_config
 from lordo.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,32 +49,9 @@ def run_dir_for(cfg: TrainConfig) -> Path:
     return Path(cfg.out) if cfg.out else runs_root(cfg) / f"{cfg.method}-{cfg.preset}-{cfg.hash()}"
 
 
-# ---------------------------------------------------------------------- files
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def save_torch(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _truncate_jsonl(path: Path, step: int) -> None:
     """Keep the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
-    keep = [r for r in read_jsonl(path) if r["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-    os.replace(tmp, path)
+    write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step])
 
 
 @dataclass
@@ -162,7 +140,7 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
     """One worker's training loop; identical under simulated threads and torchrun ranks."""
     torch.set_flush_denormal(True)
     rank, lead = comm.rank, comm.rank == 0
-    model = GPT(model_config(cfg.preset, vocab_size=data.vocab_size, max_seq_len=cfg.seq_len), seed=cfg.seed)
+    model = GPT(model_config(cfg.preset, data.vocab_size, cfg.seq_len), seed=cfg.seed)
     model.to(device)
     opt = make_optimizer(cfg.method, model, comm=comm, **cfg.optimizer_hparams())
     batches = Batches(data.train, cfg.seq_len, cfg.batch_size, rank, comm.world_size, cfg.seed)
@@ -192,6 +170,12 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
                    unit="step", dynamic_ncols=True)
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    if start == 0:   # the curves start at the initial model
+        val_loss = evaluate(model, data.val, cfg, comm, device)
+        if lead:
+            metrics_file.write(json.dumps({"step": 0, "tokens": 0, "train_loss": None, "val_loss": val_loss,
+                                           "val_ppl": math.exp(val_loss), "lr": 0.0, "comm_bytes": 0,
+                                           "wall_s": 0.0, "tokens_per_s": None}) + "\n")
     t_last = time.perf_counter()
     try:
         for step in range(start, end):
@@ -288,7 +272,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force: bool) -> bool:
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force: bool, model: ModelConfig) -> bool:
     """Decide between cached, resumed and fresh; returns whether to resume. Writes config.json."""
     config_path = run_dir / "config.json"
     if run_dir.exists() and config_path.is_file() and not force:
@@ -320,7 +304,10 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force
     if not resume:
         for name in ("metrics.jsonl", "sync.jsonl", "summary.json"):
             (run_dir / name).unlink(missing_ok=True)
-    write_json(config_path, {"train": cfg.to_dict(), "hash": cfg.hash()})
+    write_json(config_path, {"train": cfg.to_dict(), "hash": cfg.hash(), "model": asdict(model),
+                             "data": {"corpus": cfg.corpus, "tokenizer": cfg.tokenizer, "vocab_size": cfg.vocab_size,
+                                      "corpus_tokens": cfg.corpus_tokens,
+                                      "tokenizer_path": str(run_dir / "tokenizer.json")}})
     return bool(resume)
 
 
@@ -341,8 +328,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
         cached = Run.load(run_dir)
         if cached.config.hash() == cfg.hash():
             return cached
-    data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size)
-    resume = _prepare_run_dir(cfg, run_dir, resume, force)
+    data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens)
+    resume = _prepare_run_dir(cfg, run_dir, resume, force, model_config(cfg.preset, data.vocab_size, cfg.seq_len))
     shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
     if cfg.launcher == "torchrun":
         from lordo.launch import launch_torchrun
@@ -370,7 +357,8 @@ def main_worker(run_dir: str, resume: bool, stop_at: int | None) -> None:
     if cfg.device != "auto":
         device = torch.device(cfg.device) if device.type == "cpu" else device
     try:
-        data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size)
+        # the launching process prepared and verified the cache; ranks check sizes, not 30 GB of hashes
+        data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens, verify=False)
         worker(comm, cfg, data, run_dir_path, device, resume, stop_at)
     except BaseException as e:
         message = f"rank {comm.rank} failed: {type(e).__name__}: {e}"

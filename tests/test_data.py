@@ -1,9 +1,10 @@
 """Tests for lordo.data: corpora, cache, tokenizers, per-worker batches.
 
 The real corpora are prepared once into the default cache (data/cache/) and reused by later runs; everything
-else uses small `files:` corpora under tmp_path.
+else uses small `files:` corpora and local or generated `hf:` datasets under tmp_path.
 """
 
+import itertools
 import json
 import multiprocessing
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub, which reads it once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -19,6 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import lordo.data  # noqa: E402
 from lordo.data import CORPORA, Batches, default_cache_dir, prepare, val_windows  # noqa: E402
 
 SAMPLES = ["To be, or not to be: that is the question.", "  Ünïcödé — 😀 tabs\tand\r\nnewlines\n",
@@ -51,7 +54,7 @@ def small(tmp_path):
     return {"corpus": f"files:{tmp_path / 'corpus'}/*", "cache_dir": tmp_path / "cache", "docs": docs}
 
 
-def test_shakespeare_bpe(tmp_path):
+def test_shakespeare_bpe():
     data = prepare("shakespeare")
     splits = data.manifest["splits"]
     assert data.vocab_size == 8192 and data.train.dtype == np.uint16
@@ -77,6 +80,13 @@ def test_gpt2_tokenizer(small):
     for text in SAMPLES:
         assert data.decode(data.encode(text)) == text
     assert documents(data, data.train) | documents(data, data.val) == set(small["docs"])
+
+    # The same tokenizer as a Hugging Face tokenizer directory goes through AutoTokenizer, with equal tokens.
+    from transformers import PreTrainedTokenizerFast
+    local = small["cache_dir"].parent / "local_tokenizer"
+    PreTrainedTokenizerFast(tokenizer_file=str(data.tokenizer_path), eos_token="<|endoftext|>").save_pretrained(local)
+    via_hf = prepare(small["corpus"], tokenizer=str(local), cache_dir=small["cache_dir"])
+    assert np.array_equal(via_hf.train, data.train) and via_hf.eot_id == 50256
 
 
 def test_files_split_by_document_and_cache(small):
@@ -106,6 +116,90 @@ def test_files_split_by_document_and_cache(small):
     (small["cache_dir"] / f".{data.dir.name}-killed").mkdir()  # what a build killed half-way leaves
     rebuilt = prep()
     assert rebuilt.manifest == data.manifest and not list(small["cache_dir"].glob(f".{data.dir.name}-*"))
+
+
+def pieces(data, tokens):
+    """The indices of the whole documents ("doc<i>: ...") in `tokens`, in order, and the cut-off text after them."""
+    *whole, tail = data.decode(tokens).split("<|endoftext|>")
+    return [int(doc.split(":")[0][3:]) for doc in whole], tail
+
+
+def test_hf_stream_split(tmp_path, monkeypatch):
+    """hf: on a local parquet dataset is read in order until train holds max_tokens, and split by document."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    texts = [f"doc{i}: " + " ".join(f"w{(i * 7 + j) % 50}" for j in range(3 + i % 11)) for i in range(3000)]
+    (tmp_path / "ds").mkdir()
+    for part in range(3):
+        pq.write_table(pa.table({"text": texts[part * 1000:(part + 1) * 1000], "id": range(1000)}),
+                       tmp_path / "ds" / f"part{part}.parquet")
+
+    def prep(**options):
+        return prepare(f"hf:{tmp_path / 'ds'}", vocab_size=300, cache_dir=tmp_path / "cache", **options)
+
+    def split(data):
+        """Train and validation document indices, checked to be a prefix of the dataset read in order."""
+        (train, tail), (val, rest) = pieces(data, data.train), pieces(data, data.val)
+        read = len(train) + len(val) + bool(tail)  # a training document cut off at max_tokens was read last
+        assert rest == "" and texts[read - 1].startswith(tail)
+        assert sorted(train + val + [read - 1] * bool(tail)) == list(range(read))  # each document once
+        assert train == sorted(train) and val == sorted(val)
+        assert data.manifest["splits"]["train"]["docs"] == len(train) + bool(tail)
+        return train, val, tail
+
+    data = prep(max_tokens=4000)
+    train, val, tail = split(data)
+    read = len(train) + len(val) + bool(tail)
+    assert len(data.train) == 4000 == data.manifest["splits"]["train"]["tokens"]
+    whole = (documents(data, data.train) - {tail}) | documents(data, data.val)
+    assert whole <= set(texts) and len(whole) == len(train) + len(val)  # intact, but for the cut one
+    assert 0.05 < len(val) / read < 0.2 and read < 1000  # ~val_fraction; only what max_tokens needs was read
+    assert prep(max_tokens=4000).dir == data.dir
+    other = prep(max_tokens=4000, seed=1)
+    assert other.dir != data.dir and split(other)[1] != val  # another seed, other documents
+
+    few = prep(max_docs=100)
+    assert sum(s["docs"] for s in few.manifest["splits"].values()) == 100 == sum(map(len, split(few)[:2]))
+
+    monkeypatch.setattr(lordo.data, "VAL_MAX_TOKENS", 60)  # validation full: later documents train instead
+    capped = prep(max_tokens=4000)
+    capped_train, capped_val, _ = split(capped)
+    longest = max(len(capped.encode(text)) + 1 for text in texts)
+    assert 60 <= len(capped.val) < 60 + longest and capped_val == val[:len(capped_val)]
+    assert set(val[len(capped_val):]) & set(capped_train)
+    with pytest.raises(ValueError, match="has no field 'body'"):
+        prep(max_docs=10, text_field="body")
+
+
+def test_hf_stream_memory_is_bounded(tmp_path, monkeypatch):
+    """An endless hf: stream: prepare reads only what max_tokens needs, and its memory does not grow with it."""
+    import datasets
+    words, pulled = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima".split(), [0]
+
+    def endless():
+        for i in itertools.count():
+            pulled[0] += 1
+            yield {"text": f"doc{i}: " + " ".join(words[(i * j + j // 3) % len(words)] for j in range(300))}
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *_, **__: datasets.IterableDataset.from_generator(endless))
+    monkeypatch.setattr(lordo.data, "BPE_TRAIN_DOCS", 100)
+    monkeypatch.setattr(lordo.data, "DOCS_PER_BATCH", 16)  # many batches even for a small test corpus
+
+    def peak(max_tokens):
+        pulled[0] = 0
+        tracemalloc.start()
+        data = prepare("hf:endless", vocab_size=1000, max_tokens=max_tokens, cache_dir=tmp_path / str(max_tokens))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(data.train) == max_tokens
+        # Read: the BPE pass (about 100 / 0.9 documents) and the documents written, plus a batch or two ahead.
+        assert pulled[0] <= 100 / 0.8 + sum(s["docs"] for s in data.manifest["splits"].values()) + 4 * 16
+        return peak, sum(len(data.decode(s)) for s in (data.train, data.val))
+
+    peak(20_000)  # imports and first-use allocations
+    small, _ = peak(100_000)
+    large, text = peak(400_000)
+    assert large < 1.25 * small and large < text  # a corpus held in memory would grow with it
 
 
 def _prepare_in_child(corpus, cache_dir, barrier, results):

@@ -1,0 +1,340 @@
+"""Optimizer-step benchmark: LoRDO's local step, sync and state against AdamW and GaLore.
+
+    python benchmarks/optimizer_step.py [--shapes 30m,125m] [--ranks 128,32] [--repeats N]
+                                        [--device cpu|cuda] [--dtype float32|bfloat16]
+
+No model and no data: each shape set is a plain list of parameters with the shapes of a
+Llama-style decoder (`SHAPES`) and random gradients, so only the optimizer is timed.
+
+1. Local step (no sync): `lordo` with its defaults (omega 0.7, error feedback, clip 1.0) against
+   `torch.optim.AdamW` (foreach and fused) and GaLore's `GaLoreAdamW` at the same rank. GaLore's
+   steady step reuses its projection; its refresh step (an SVD of every matrix, every 200 steps)
+   is timed separately and amortized: (199 steady + 1 refresh) / 200.
+2. Sync: `LoRDO.sync()` per `proj_method` on the same optimizer, the projection part of it
+   (`projection_seconds`), and the refresh amortized over K_x = 16 local steps as a share of
+   16 local steps + 1 sync. One process (M = 1): the sync's all-reduce is a no-op here.
+3. Optimizer-state bytes per parameter for every method in `METHODS` (`memory_stats()`).
+
+Timing: warmup steps first; the optimizers of one table take turns within every repeat (the
+order rotates), so they see the same machine load; the table gives the median and the IQR in
+ms, and each ratio is the median over repeats of (time / AdamW foreach time in that repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+
+from lordo.model import PRESETS, swiglu_width  # noqa: E402
+from lordo.optim import METHODS, make_optimizer  # noqa: E402
+
+K_X = 16              # local steps per sync for the amortized share
+GALORE_GAP = 200      # GaLore's update_proj_gap
+PROJ_METHODS = ("svd", "randomized", "power")
+MEMORY_KINDS = ("moments", "projection", "error_feedback", "anchor", "outer_momentum")
+
+_125M = PRESETS["125m"]
+SHAPES = {   # name -> (d_model, n_layers, d_ff, vocab); tied embedding, no biases
+    "30m": (512, 8, swiglu_width(512), 8192),
+    "125m": (_125M["d_model"], _125M["n_layers"], _125M["d_ff"], _125M["vocab_size"]),
+}
+
+
+def galore_adamw() -> type:
+    """`GaLoreAdamW` without running `galore_torch/__init__.py`.
+
+    The package init also imports the 8-bit optimizer, which needs bitsandbytes (not installed).
+    A bare module object with the package's `__path__` stands in for the package, so
+    `importlib.import_module("galore_torch.adamw")` loads only adamw.py and its projector.
+    """
+    if "galore_torch" not in sys.modules:
+        spec = importlib.util.find_spec("galore_torch")    # locates the package without executing it
+        if spec is None:
+            raise SystemExit("galore-torch is not installed (requirements-nodeps.txt)")
+        stub = types.ModuleType("galore_torch")
+        stub.__path__ = list(spec.submodule_search_locations)
+        sys.modules["galore_torch"] = stub
+    return importlib.import_module("galore_torch.adamw").AdamW
+
+
+def make_params(shape: str, device: torch.device, dtype: torch.dtype) -> tuple[list, list]:
+    """(matrices, rest) as leaf tensors with random gradients, global gradient norm 0.5.
+
+    The norm stays under lordo's clip (1.0), so its in-place clipping multiplies by 1 and the
+    gradients shared by every optimizer stay the same from step to step.
+    """
+    d, layers, ff, vocab = SHAPES[shape]
+    gen = torch.Generator().manual_seed(0)
+    mats = [(d, d)] * 4 + [(ff, d), (ff, d), (d, ff)]          # q k v o, gate up down
+    mat_shapes = mats * layers
+    rest_shapes = [(vocab, d)] + [(d,)] * (2 * layers + 1)       # embedding, 2 norms a layer, final norm
+    numel = sum(torch.Size(s).numel() for s in mat_shapes + rest_shapes)
+
+    def leaf(s: tuple[int, ...]) -> torch.Tensor:
+        p = (torch.randn(s, generator=gen) * 0.02 if len(s) == 2 else torch.ones(s)).to(device, dtype)
+        p.requires_grad_(True)
+        p.grad = (torch.randn(s, generator=gen) * (0.5 / numel**0.5)).to(device, dtype)
+        return p
+
+    return [leaf(s) for s in mat_shapes], [leaf(s) for s in rest_shapes]
+
+
+def describe(shape: str, mats: list, rest: list) -> str:
+    d, layers, ff, vocab = SHAPES[shape]
+    nm, nr = sum(p.numel() for p in mats), sum(p.numel() for p in rest)
+    return (f"{shape}: d {d}, {layers} layers, d_ff {ff}, vocab {vocab} (tied): {len(mats)} matrices "
+            f"{nm / 1e6:.1f}M + {len(rest)} others {nr / 1e6:.1f}M = {(nm + nr) / 1e6:.1f}M parameters")
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        """Seconds for fn(), with the device idle before and after."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def stats(xs: list[float]) -> tuple[float, float]:
+    """(median, IQR) of xs."""
+    if len(xs) < 2:
+        return xs[0], 0.0
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q2, q3 - q1
+
+
+def ms(xs: list[float]) -> str:
+    """Median and IQR in ms (no IQR for a single sample)."""
+    med, iqr = stats(xs)
+    return f"{1e3 * med:10.1f} " + (f"{1e3 * iqr:8.1f}" if len(xs) > 1 else f"{'-':>8}")
+
+
+def optimizers(mats: list, rest: list, rank: int, ablations: bool) -> dict:
+    """Every optimizer of table 1 on the same (shared) parameters and gradients."""
+    common = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    galore_groups = [dict(params=mats, rank=rank, update_proj_gap=GALORE_GAP, scale=1.0, proj_type="std"),
+                     dict(params=rest)]
+    lordo = lambda **hp: make_optimizer("lordo", [dict(params=mats), dict(params=rest, lowrank=False)],
+                                        rank=rank, lr=1e-3, sync_every=10**9, **hp)   # no sync in the steps
+    opts = {
+        "AdamW foreach": torch.optim.AdamW(mats + rest, foreach=True, **common),
+        "AdamW fused": torch.optim.AdamW(mats + rest, fused=True, **common),
+        "GaLoreAdamW steady": galore_adamw()(galore_groups, eps=1e-8, no_deprecation_warning=True, **common),
+        "lordo": lordo(),
+    }
+    if ablations:   # what the parts of lordo's step cost (GaLore neither clips nor keeps error feedback)
+        opts |= {"lordo clip=None": lordo(clip=None, nonfinite="off"),
+                 "lordo error_feedback=False": lordo(error_feedback=False),
+                 "lordo omega=1": lordo(omega=1.0)}
+    return opts
+
+
+def bench_steps(opts: dict, timer: Timer, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Interleaved step times; the first warmup steps (GaLore's and lordo's first projection) untimed."""
+    for opt in opts.values():
+        for _ in range(warmup):
+            opt.step()
+    names = list(opts)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(timer(opts[name].step))
+    return times
+
+
+def bench_galore_refresh(opt, mats: list, timer: Timer, repeats: int) -> list[float]:
+    """GaLore steps that recompute the projection: each matrix's step counter set to a multiple of 200."""
+    times = []
+    for i in range(repeats):
+        for p in mats:
+            opt.state[p]["step"] = GALORE_GAP * (i + 1)
+        times.append(timer(opt.step))
+    return times
+
+
+def bench_sync(opt, timer: Timer, repeats: dict[str, int]) -> dict[str, tuple[list, list]]:
+    """(sync seconds, projection seconds) per proj_method, each after one untimed local step.
+
+    proj_method is switched on the one optimizer through `opt.hparams` (read at every refresh),
+    so "power" is warm-started from the previous projection as in training.
+    """
+    default = opt.hparams["proj_method"]
+    out = {}
+    for method in PROJ_METHODS:
+        opt.hparams["proj_method"] = method
+        sync_s, proj_s = [], []
+        for _ in range(repeats[method]):
+            opt.step()
+            before = opt.projection_seconds
+            sync_s.append(timer(opt.sync))
+            proj_s.append(opt.projection_seconds - before)
+        out[method] = (sync_s, proj_s)
+    opt.hparams["proj_method"] = default
+    return out
+
+
+def state_bytes(opt) -> int:
+    """Bytes of every tensor in a torch optimizer's state (GaLore: moments and projector)."""
+    total = 0
+    for s in opt.state.values():
+        for v in s.values():
+            v = getattr(v, "ortho_matrix", v)
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+def memory_table(mats: list, rest: list, rank: int, measured: dict[str, int]) -> None:
+    n = sum(p.numel() for p in mats + rest)
+    print(f"\n[3] optimizer state, bytes per parameter ({n / 1e6:.1f}M parameters, rank {rank}, "
+          f"{mats[0].dtype}; from memory_stats(), before any step)")
+    print(f"  {'method':<22}" + "".join(f"{k:>15}" for k in (*MEMORY_KINDS, "total")))
+    for method in METHODS:
+        opt = make_optimizer(method, [dict(params=mats), dict(params=rest, lowrank=False)], rank=rank)
+        mem = opt.memory_stats()
+        print(f"  {method:<22}" + "".join(f"{mem[k] / n:15.2f}" for k in (*MEMORY_KINDS, "total")))
+    for name, b in measured.items():    # reference optimizers, from their allocated state
+        print(f"  {name:<22}{'':>75}{b / n:15.2f}")
+
+
+def step_table(shape: str, rank: int, opts: dict, mats: list, args, timer: Timer) -> tuple[float, str]:
+    """Table 1 for one rank; returns lordo's median step (s) and the verdict on the target."""
+    t0 = time.perf_counter()
+    times = bench_steps(opts, timer, args.repeats, args.warmup)
+    refresh = bench_galore_refresh(opts["GaLoreAdamW steady"], mats, timer, args.refresh_repeats)
+    base, steady = stats(times["AdamW foreach"])[0], stats(times["GaLoreAdamW steady"])[0]
+    amortized = ((GALORE_GAP - 1) * steady + stats(refresh)[0]) / GALORE_GAP
+    print(f"\n[1] local step, {shape}, rank {rank} ({time.perf_counter() - t0:.0f} s): ms; ratio = median "
+          f"over repeats of time / AdamW foreach time (GaLore rows below: of medians)")
+    print(f"  {'optimizer':<30}{'median':>10} {'IQR':>8} {'ratio':>7}")
+    for name, ts in times.items():
+        paired = statistics.median(t / b for t, b in zip(ts, times["AdamW foreach"]))
+        print(f"  {name:<30}{ms(ts)} {paired:7.2f}")
+    print(f"  {'GaLoreAdamW refresh (SVD)':<30}{ms(refresh)} {stats(refresh)[0] / base:7.2f}")
+    print(f"  {'GaLoreAdamW amortized /200':<30}{1e3 * amortized:10.1f} {'':>8} {amortized / base:7.2f}")
+    lordo = stats(times["lordo"])[0]
+    vs = statistics.median(a / b for a, b in zip(times["lordo"], times["GaLoreAdamW steady"]))
+    verdict = (f"{shape} rank {rank}: lordo local step / GaLoreAdamW steady step = {vs:.2f} (target <= 1): "
+               f"{'MET' if vs <= 1 else 'NOT MET'}; / GaLore amortized = {lordo / amortized:.2f}")
+    return lordo, verdict
+
+
+def sync_table(shape: str, rank: int, opt, step_s: float, args, timer: Timer) -> str:
+    """Table 2 for one rank; returns the verdict on the target (for the default proj_method)."""
+    t0 = time.perf_counter()
+    reps = {m: args.svd_repeats if m == "svd" else args.sync_repeats for m in PROJ_METHODS}
+    syncs = bench_sync(opt, timer, reps)
+    print(f"\n[2] sync, {shape}, rank {rank} ({time.perf_counter() - t0:.0f} s): ms; share = time / "
+          f"({K_X} local steps of {1e3 * step_s:.1f} ms + 1 sync)")
+    print(f"  {'proj_method':<14}{'sync':>10} {'IQR':>8}{'projection':>12} {'IQR':>8}"
+          f"{'proj share':>12}{'sync share':>12}")
+    verdict = ""
+    for method, (sync_s, proj_s) in syncs.items():
+        s, p = stats(sync_s)[0], stats(proj_s)[0]
+        window = K_X * step_s + s
+        print(f"  {method:<14}{ms(sync_s)}  {ms(proj_s)}{100 * p / window:11.1f}%{100 * s / window:11.1f}%")
+        if method == opt.hparams["proj_method"]:
+            met = "MET" if p < 0.1 * window else "NOT MET"
+            verdict = (f"{shape} rank {rank}: projection refresh ({method}, the default) amortized over "
+                       f"K_x={K_X}: {100 * p / window:.1f}% (target < 10%): {met}")
+    return verdict
+
+
+def run_shape(shape: str, args, device: torch.device, dtype: torch.dtype, timer: Timer) -> list[str]:
+    mats, rest = make_params(shape, device, dtype)
+    print(f"\n=== {describe(shape, mats, rest)}")
+    verdicts = []
+    for rank in args.ranks:
+        measured: dict[str, int] = {}
+        if {"step", "sync"} & set(args.sections):
+            opts = optimizers(mats, rest, rank, args.ablations)
+            step_s, verdict = step_table(shape, rank, opts, mats, args, timer)
+            verdicts.append(verdict)
+            measured = {"AdamW (measured)": state_bytes(opts["AdamW fused"]),
+                        "GaLoreAdamW (measured)": state_bytes(opts["GaLoreAdamW steady"])}
+            if "sync" in args.sections:
+                verdicts.append(sync_table(shape, rank, opts["lordo"], step_s, args, timer))
+            del opts
+        if "memory" in args.sections:
+            memory_table(mats, rest, rank, measured)
+    return verdicts
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    lines = [f"torch {torch.__version__}, python {platform.python_version()}, {dtype}, device {device}",
+             f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; transparent "
+             f"huge pages {thp.read_text().strip() if thp.exists() else 'n/a'}, "
+             f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"]
+    if device.type == "cuda":
+        lines.append(f"GPU {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="30m,125m", help=f"comma-separated, from {sorted(SHAPES)}")
+    ap.add_argument("--ranks", default="128,32", help="comma-separated integer ranks, GaLore and lordo alike")
+    ap.add_argument("--repeats", type=int, default=7, help="timed local steps per optimizer")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first")
+    ap.add_argument("--refresh-repeats", type=int, default=1, help="timed GaLore refresh (SVD) steps")
+    ap.add_argument("--sync-repeats", type=int, default=3, help="timed syncs, randomized and power")
+    ap.add_argument("--svd-repeats", type=int, default=1, help="timed syncs with exact SVD")
+    ap.add_argument("--sections", default="step,sync,memory", help="step,sync,memory (sync needs step)")
+    ap.add_argument("--ablations", action="store_true", help="lordo without clip / error feedback / QH too")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = ap.parse_args(argv)
+    args.shapes = args.shapes.split(",")
+    args.ranks = [int(r) for r in args.ranks.split(",")]
+    args.sections = args.sections.split(",")
+    bad = [s for s in args.shapes if s not in SHAPES] + [s for s in args.sections
+                                                        if s not in ("step", "sync", "memory")]
+    if bad or min(args.repeats, args.sync_repeats, args.svd_repeats, args.refresh_repeats) < 1:
+        ap.error(f"invalid --shapes/--sections {bad} or a repeat count < 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(environment(device, dtype))
+    print(f"repeats {args.repeats} (warmup {args.warmup}), GaLore refresh {args.refresh_repeats}, sync "
+          f"{args.sync_repeats} (svd {args.svd_repeats}); ranks {args.ranks}")
+    t0 = time.perf_counter()
+    verdicts = []
+    for shape in args.shapes:
+        verdicts += run_shape(shape, args, device, dtype, Timer(device))
+    if verdicts:
+        print("\nTargets (issue; measured on this machine):")
+        print("\n".join(f"  {v}" for v in verdicts))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""The experiments behind the notebooks: parameters, run configs, result tables, projection noise, fits, claims.
+
+    P = check_params(preset="tiny", methods=["ddp", "lordo"], seeds=[0, 1, 2], ...)   # one-line ValueError
+    runs = train_all([run_config(P, m, seed=s) for m in P["methods"] for s in P["seeds"]])
+    save_table(summaries(runs), P, "00_quickstart", "runs")       # <results_dir>/00_quickstart/runs.csv
+
+Notebooks compute through this module and the training API, write tables under `results_dir`, and
+draw figures from those tables only (`lordo.plots`). Runs are cached by config hash in runs/; the
+projection-noise measurements, which are not runs, are cached beside them in runs/analysis/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from scipy import stats
+
+from lordo.config import LAUNCHERS, TrainConfig, make_config
+from lordo.model import GPT, PRESETS, model_config
+from lordo.optim import DEFAULTS, METHODS, MOMENT_RULES, make_optimizer
+from lordo.projection import compute_projection, projection_distance
+from lordo.trainer import REPO, Run, runs_root, train
+
+LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+# Notebook parameters that are TrainConfig fields shared by every run of a notebook (None: the config
+# file's value under config_dir, else the package default).
+TRAIN_FIELDS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_every", "proj_every", "rank",
+                "eval_every", "eval_batches", "launcher")
+
+
+# ---------------------------------------------------------------------- parameters
+def _int(lo: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _rank(v: Any) -> bool:
+    return not isinstance(v, bool) and (isinstance(v, int) and v >= 1 or isinstance(v, float) and 0 < v <= 1)
+
+
+def _list(ok):
+    return lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(ok(x) for x in v)
+
+
+_RANK = "an int >= 1 or a float fraction of min(p, q) in (0, 1]"
+CHECKS: dict[str, tuple[Any, str]] = {
+    "preset": (lambda v: v in PRESETS, f"one of {list(PRESETS)}"),
+    "presets": (_list(lambda v: v in PRESETS), f"a non-empty list of {list(PRESETS)}"),
+    "methods": (_list(lambda v: v in METHODS), f"a non-empty list of {list(METHODS)}"),
+    "seq_len": (_int(2), "an int >= 2"),
+    "lr": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf, "a number > 0"),
+    "rank": (_rank, _RANK),
+    "low_memory_rank": (_rank, _RANK),
+    "ranks": (_list(_rank), f"a non-empty list of ranks, each {_RANK}"),
+    "omegas": (_list(lambda v: isinstance(v, int | float) and 0 <= v < 1), "a non-empty list of numbers in [0, 1)"),
+    "seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
+    "sweep_seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
+    "batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1"),
+    "moments": (_list(lambda v: v in MOMENT_RULES), f"a non-empty list of {list(MOMENT_RULES)}"),
+    "downstream_tasks": (lambda v: v is None or isinstance(v, str) and v.strip() != "",
+                         "None (no downstream evaluation), 'core' or comma-separated lm-eval task names"),
+    "downstream_limit": (lambda v: v is None or _int(1)(v), "None (every document) or an int >= 1"),
+    "launcher": (lambda v: v in LAUNCHERS, f"one of {list(LAUNCHERS)}"),
+    "config_dir": (lambda v: v is None or isinstance(v, str) and (repo_path(v)).is_dir(),
+                   "None, or a directory of <preset>_<method>.yaml files"),
+    "results_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "figures_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+} | {name: (_int(1), "an int >= 1") for name in (
+    "workers", "steps", "batch_size", "sync_every", "proj_every", "eval_every", "eval_batches", "repeats",
+    "local_steps", "reference_workers", "ref_batch_size", "low_memory_batch_size")}
+
+
+def check_params(**params: Any) -> dict[str, Any]:
+    """Validate a notebook's parameters; return them as a dict. Raises a one-line ValueError naming the first
+    bad one. TRAIN_FIELDS may be None (taken from config_dir's files or the package defaults)."""
+    for name, value in params.items():
+        if name not in CHECKS:
+            raise ValueError(f"unknown parameter {name!r}: allowed {sorted(CHECKS)}")
+        ok, allowed = CHECKS[name]
+        if not (value is None and name in TRAIN_FIELDS or ok(value)):
+            raise ValueError(f"parameter {name}={value!r} is invalid: allowed {allowed}")
+    presets = [p for p in params.get("presets") or [params.get("preset")] if p]
+    for name in ("rank", "ranks", "low_memory_rank"):
+        values = params.get(name) if name == "ranks" else [params.get(name)]
+        for r in values or []:
+            for preset in presets:
+                if isinstance(r, int) and r > min_side(preset):
+                    side = min_side(preset)
+                    raise ValueError(f"parameter {name}={params[name]!r} is invalid for preset {preset}: "
+                                     f"allowed ints in [1, {side}] (its smallest matrix side) or fractions in (0, 1]")
+    for preset in presets:   # the shared fields must make a valid run of every method (config_dir files exist)
+        for method in params.get("methods") or ["lordo"]:
+            try:
+                run_config(params | {"preset": preset}, method)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"the parameters give no valid {method} run on {preset}: {e}") from None
+    return params
+
+
+def min_side(preset: str) -> int:
+    """min(p, q) over the preset's low-rank matrices (attention and MLP weights)."""
+    c = PRESETS[preset]
+    return min(c["d_model"], c["d_ff"])
+
+
+# ---------------------------------------------------------------------- run configs
+def run_config(P: dict[str, Any], method: str, **overrides: Any) -> TrainConfig:
+    """One run: the notebook's TRAIN_FIELDS, under P["config_dir"] the file <preset>_<method>.yaml, then overrides.
+
+    Fields the method ignores are dropped, ranks become ints and optimizer fields at their defaults are left
+    unset, so that the same run asked for by two notebooks has one config hash and is trained once.
+    """
+    fields = {k: P[k] for k in TRAIN_FIELDS if P.get(k) is not None}
+    fields |= {k: v for k, v in overrides.items() if v is not None}
+    base: dict[str, Any] = {}
+    if P.get("config_dir"):
+        path = repo_path(P["config_dir"]) / f"{fields.get('preset', 'tiny')}_{method}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        base = yaml.safe_load(path.read_text()) or {}
+    m = METHODS[method]
+    preset = fields.get("preset", base.get("preset", "tiny"))
+    if "rank" in fields and isinstance(fields["rank"], float):
+        fields["rank"] = max(1, round(fields["rank"] * min_side(preset)))
+    ignored = {"rank": not m.lowrank, "omega": not m.lowrank, "moments_on_refresh": not m.lowrank,
+               "sync_every": not m.local, "proj_every": m.projection != "gradient"}
+    for k, drop in ignored.items():
+        if drop or fields.get(k) == (m.omega if k == "omega" else DEFAULTS.get(k)):
+            fields.pop(k, None)
+    return make_config({**base, **fields, "method": method, "progress": False})
+
+
+def train_all(configs: list[TrainConfig], desc: str = "runs") -> list[Run]:
+    """Train (or load from the cache) every config, with one progress bar over the runs."""
+    from tqdm import tqdm
+
+    runs = []
+    with tqdm(configs, desc=desc, unit="run") as bar:
+        for cfg in bar:
+            bar.set_postfix_str(f"{cfg.method} {cfg.preset} seed={cfg.seed}")
+            runs.append(train(cfg))
+    return runs
+
+
+# ---------------------------------------------------------------------- tables
+def resolved_rank(c: TrainConfig) -> int:
+    """The int rank a config's matrices get (fractions resolved against the preset's matrices)."""
+    rank = c.rank if c.rank is not None else DEFAULTS["rank"]
+    return rank if isinstance(rank, int) else max(1, round(rank * min_side(c.preset)))
+
+
+def describe(run: Run) -> dict[str, Any]:
+    """A run's identity: the settings the notebooks vary, resolved to the values the optimizer used."""
+    c, m = run.config, METHODS[run.config.method]
+    hp = {**DEFAULTS, **c.optimizer_hparams()}
+    rank = resolved_rank(c)
+    return {"run": run.dir.name, "method": c.method, "preset": c.preset, "seed": c.seed, "workers": c.workers,
+            "batch_size": c.batch_size, "seq_len": c.seq_len, "steps": c.steps,
+            "rank": rank if m.lowrank else None,
+            "omega": (hp["omega"] if hp["omega"] is not None else m.omega) if m.lowrank else None,
+            "moments": hp["moments_on_refresh"] if m.lowrank else None,
+            "sync_every": hp["sync_every"] if m.local else 1}
+
+
+def summaries(runs: list[Run]) -> pd.DataFrame:
+    """One row per run: identity, final quality, communication, optimizer state, speed."""
+    rows = []
+    for run in runs:
+        s = run.summary
+        state = {f"state_{k}": v for k, v in s["optimizer_state_bytes"].items()}
+        rows.append(describe(run) | {
+            "params": s["params"], "tokens": s["tokens"], "val_loss": s["val_loss"], "val_ppl": s["val_ppl"],
+            "train_loss": s["train_loss"], "comm_bytes": s["comm_bytes"], "wire_bytes": s["comm"]["wire_bytes"],
+            "collectives": s["comm"]["collectives"], "per_sync_bytes": s["comm"]["per_sync_payload_bytes"],
+            **state, "wall_s": s["wall_s"], "tokens_per_s": s["tokens_per_s"]})
+    return pd.DataFrame(rows)
+
+
+def curves(runs: list[Run]) -> pd.DataFrame:
+    """Every logged metric of every run (train loss every log_every steps, validation at evaluations)."""
+    return pd.concat([run.metrics.assign(**describe(run)) for run in runs], ignore_index=True)
+
+
+def layer_type(name: str) -> str:
+    """'layers.0.self_attn.q_proj.weight' -> 'q'."""
+    return name.split(".")[-2].removesuffix("_proj")
+
+
+def sync_records(runs: list[Run]) -> pd.DataFrame:
+    """The subspace diagnostics of every projection refresh, with each matrix's layer type and side p."""
+    frames = [run.syncs.assign(**describe(run)) for run in runs if len(run.syncs)]
+    df = pd.concat(frames, ignore_index=True)
+    df["layer"] = df["param"].map(layer_type)
+    df["side"] = df["preset"].map(min_side)
+    return df
+
+
+def repo_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_absolute() else REPO / path
+
+
+def table_path(P: dict[str, Any], notebook: str, name: str) -> Path:
+    return repo_path(P["results_dir"]) / notebook / f"{name}.csv"
+
+
+def save_table(df: pd.DataFrame, P: dict[str, Any], notebook: str, name: str) -> None:
+    path = table_path(P, notebook, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path, index=False)
+
+
+def load_table(P: dict[str, Any], notebook: str, name: str) -> pd.DataFrame:
+    return pd.read_csv(table_path(P, notebook, name))
+
+
+# ---------------------------------------------------------------------- statistics
+def ci95(values: Any) -> tuple[float, float]:
+    """Mean +- the 95% Student-t half-width (a point when there is one value); a seaborn errorbar callable."""
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    mean = x.mean() if len(x) else math.nan
+    if len(x) < 2:
+        return mean, mean
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return mean - half, mean + half
+
+
+def paired_gap(df: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], value: str = "val_ppl") -> dict[str, Any]:
+    """Relative gap 100 (a / b - 1) % of `value` between two groups of runs (rows matching the dicts), paired by
+    seed: mean, 95% t-interval and the number of seeds."""
+    pick = lambda sel: df.loc[np.logical_and.reduce([df[k] == v for k, v in sel.items()])].set_index("seed")[value]
+    x, y = pick(a), pick(b)
+    gaps = 100 * (x / y - 1).dropna()
+    lo, hi = ci95(gaps)
+    return {"mean": gaps.mean(), "lo": lo, "hi": hi, "n": len(gaps)}
+
+
+def fmt_gap(g: dict[str, Any], unit: str = "%") -> str:
+    if g["n"] < 2:
+        return f"{g['mean']:+.2f}{unit} (1 seed)"
+    return f"{g['mean']:+.2f}{unit} [95% CI {g['lo']:+.2f}, {g['hi']:+.2f}] ({g['n']} seeds)"
+
+
+def slope_fits(df: pd.DataFrame, by: list[str], x: str = "batch_size", y: str = "distance", n_boot: int = 2000,
+               seed: int = 0) -> pd.DataFrame:
+    """Least-squares slope of log mean(y) against log x per group, with a 95% bootstrap interval.
+
+    Within a group, y is averaged over its matrices for each (x, repeat); the bootstrap resamples the
+    independent repeats at every x and refits.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for key, g in df.groupby(by):
+        table = g.groupby([x, "repeat"])[y].mean().unstack().sort_index()   # x values by repeats
+        lx, vals = np.log(table.index.to_numpy(float)), table.to_numpy()
+        slope = np.polyfit(lx, np.log(np.nanmean(vals, axis=1)), 1)[0]
+        idx = rng.integers(0, vals.shape[1], (n_boot, vals.shape[1]))
+        boot = np.polyfit(lx, np.log(np.nanmean(vals[:, idx], axis=2)), 1)[0]
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        rows.append(dict(zip(by, key if isinstance(key, tuple) else (key,))) | {
+            "slope": slope, "lo": lo, "hi": hi, "points": len(lx), "repeats": vals.shape[1]})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------- projection noise
+def _cached(name: str, key: dict[str, Any], compute) -> pd.DataFrame:
+    """A table cached in runs/analysis/ under the hash of everything it depends on (kept by `make clean`)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    path = runs_root() / "analysis" / f"{name}-{digest}.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    df = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(path.with_suffix(".tmp"), index=False)
+    path.with_suffix(".tmp").replace(path)
+    return df
+
+
+def load_run_model(run: Run, vocab_size: int, device: torch.device) -> GPT:
+    c = run.config
+    model = GPT(model_config(c.preset, vocab_size=vocab_size, max_seq_len=c.seq_len), device=device)
+    model.load_state_dict(torch.load(run.dir / "model.pt", map_location=device, weights_only=True))
+    return model
+
+
+def _matrices(model: GPT) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2}
+
+
+def _oriented(t: torch.Tensor) -> torch.Tensor:
+    return t if t.shape[-2] <= t.shape[-1] else t.mT
+
+
+def _sample(tokens: np.ndarray, n: int, seq_len: int, rng: np.random.Generator, device) -> tuple:
+    starts = rng.integers(0, len(tokens) - seq_len - 1, n)
+    rows = torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)).to(device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def _gradient(model: GPT, tokens, n: int, seq_len: int, rng, device, chunk: int = 32) -> dict[str, torch.Tensor]:
+    """Mean-loss gradient of every matrix on n fresh sequences (in chunks of `chunk`)."""
+    model.zero_grad(set_to_none=True)
+    for start in range(0, n, chunk):
+        x, y = _sample(tokens, min(chunk, n - start), seq_len, rng, device)
+        (model(x, y)[1] * len(x) / n).backward()
+    return {k: _oriented(p.grad.detach().clone()) for k, p in _matrices(model).items()}
+
+
+def _pseudo_gradient(model: GPT, start: dict[str, torch.Tensor], tokens, batch: int, local_steps: int, lr: float,
+                     seq_len: int, rng, device) -> dict[str, torch.Tensor]:
+    """One worker's parameter change after local_steps AdamW steps (fresh state) on batches of `batch`."""
+    model.load_state_dict(start)
+    opt = make_optimizer("ddp", model, lr=lr)
+    for _ in range(local_steps):
+        x, y = _sample(tokens, batch, seq_len, rng, device)
+        model(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {k: _oriented(p.detach() - start[k]) for k, p in _matrices(model).items()}
+
+
+def _distances(estimates: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], rank: int) -> dict[str, float]:
+    out = {}
+    for name, X in estimates.items():
+        Q = compute_projection(X[None].float(), rank, "svd")
+        Q_ref = compute_projection(reference[name][None].float(), rank, "svd")
+        out[name] = projection_distance(Q, Q_ref).item()
+    return out
+
+
+def projection_noise(run: Run, P: dict[str, Any]) -> pd.DataFrame:
+    """Distance between the rank-r projection from a small-batch estimate and from a reference, per matrix.
+
+    gradient: the gradient on B sequences (local: one worker) or M*B (global: M workers' average) against
+    the gradient on ref_batch_size sequences. pseudo-gradient: one worker's parameter change after
+    local_steps AdamW steps on batches of B (local), or the average of M workers' changes (global), against
+    the average of reference_workers other workers' changes. Rows: source, estimate, batch_size, samples,
+    repeat, param, layer, distance. Cached in runs/analysis/ by the run and every setting used.
+    """
+    from tqdm import tqdm
+
+    from lordo.data import prepare
+
+    c, M = run.config, P["workers"] or run.config.workers
+    rank = resolved_rank(run_config(P, "lordo"))
+    settings = {k: P[k] for k in ("batch_sizes", "ref_batch_size", "repeats", "local_steps", "reference_workers")}
+    settings["lr"] = P["lr"] or c.lr
+    key = {"run": c.hash(), "workers": M, "rank": rank, **settings}
+
+    def compute() -> pd.DataFrame:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        data = prepare(c.corpus, c.tokenizer, c.vocab_size, max_tokens=c.corpus_tokens)
+        model = load_run_model(run, data.vocab_size, device)
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        rng = np.random.default_rng(0)
+        grad = lambda n: _gradient(model, data.train, n, c.seq_len, rng, device)
+        pseudo = lambda b: _pseudo_gradient(model, start, data.train, b, P["local_steps"], settings["lr"], c.seq_len,
+                                            rng, device)
+        mean = lambda ds: {k: torch.stack([d[k] for d in ds]).mean(0) for k in ds[0]}
+        rows = []
+        bar = tqdm(total=2 * len(P["batch_sizes"]), desc="projection noise", unit="batch size")
+        gradient_reference = grad(P["ref_batch_size"])
+        for source, estimate_fn in (("gradient", grad), ("pseudo-gradient", pseudo)):
+            for B in P["batch_sizes"]:
+                reference = gradient_reference if source == "gradient" else \
+                    mean([pseudo(B) for _ in range(P["reference_workers"])])
+                for rep in range(P["repeats"]):
+                    workers = [estimate_fn(B) for _ in range(M)]
+                    for estimate, X in (("local", workers[0]), ("global", mean(workers))):
+                        for name, d in _distances(X, reference, rank).items():
+                            rows.append({"source": source, "estimate": estimate, "batch_size": B,
+                                         "samples": B if estimate == "local" else M * B, "repeat": rep,
+                                         "param": name, "layer": layer_type(name), "distance": d})
+                bar.update()
+        bar.close()
+        model.load_state_dict(start)
+        return pd.DataFrame(rows)
+
+    return _cached("projection_noise", key, compute).assign(rank=rank, workers=M, preset=c.preset)
+
+
+# ---------------------------------------------------------------------- memory and downstream
+def matrix_state(preset: str, ladder: pd.DataFrame) -> dict[str, float]:
+    """Claim 6 on one preset: optimizer state of the attention and MLP matrices under LoRDO (low-rank moments and
+    Q) against AdamW's moments, measured (MB, from the runs' accounting) and predicted r(p+2q) / (2pq)."""
+    c = PRESETS[preset]
+    shapes = c["n_layers"] * ([(c["d_model"], c["d_model"])] * 4 + [(min(c["d_model"], c["d_ff"]),
+                                                                       max(c["d_model"], c["d_ff"]))] * 3)
+    lordo, ddp = (ladder[ladder["method"] == m].iloc[0] for m in ("lordo", "ddp"))
+    adam = 4 * sum(2 * p * q for p, q in shapes)                     # fp32 moments of the matrices under AdamW
+    rest = ddp["state_moments"] - adam                                # AdamW moments of everything else, alike in both
+    lowrank = lordo["state_moments"] + lordo["state_projection"] - rest
+    r = int(lordo["rank"])
+    predicted = sum(r * (p + 2 * q) for p, q in shapes) / sum(2 * p * q for p, q in shapes)
+    return {"lowrank": lowrank / 1e6, "adam": adam / 1e6, "ratio": lowrank / adam, "predicted": predicted,
+            "total_ratio": lordo["state_total"] / ddp["state_total"]}
+
+
+def downstream(runs: list[Run], tasks: str, limit: int | None) -> pd.DataFrame:
+    """lm-eval downstream scores of each run (lordo.evaluate), one row per run and task; a run already evaluated
+    with the same tasks and limit is read from its summary.json."""
+    from tqdm import tqdm
+
+    from lordo.evaluate import evaluate_run
+
+    rows = []
+    for run in tqdm(runs, desc="downstream", unit="run"):
+        summary = json.loads((run.dir / "summary.json").read_text())
+        done = summary.get("downstream_speed", {})
+        if "downstream" not in summary or done.get("limit") != limit or done.get("tasks") != tasks:
+            evaluate_run(run.dir, tasks=tasks, limit=limit, perplexity_corpora="")
+            summary = json.loads((run.dir / "summary.json").read_text())
+        for task, scores in summary["downstream"].items():
+            rows.append(describe(run) | {"task": task} | scores)
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------- claims
+def paper_reference() -> dict[str, Any]:
+    return json.loads((REPO / "data" / "paper_reference.json").read_text())
+
+
+def claim(number: int | str, measured: str, verdict: str) -> dict[str, str]:
+    """A row of the claims table: the claim and the paper's figure (labelled, with its source) beside this run's."""
+    ref = paper_reference()["claims"][str(number)]
+    return {"claim": f"{number}. {ref['claim']}", "paper": f"paper: {ref['paper']}", "source": ref["source"],
+            "this run": measured, "verdict": verdict}
+
+
+def verdict(low: float, high: float, threshold: float, want: str = "above") -> str:
+    """'supported' when the whole interval is on the claimed side of threshold, 'not supported' when it is all
+    on the other side, else 'inconclusive'."""
+    above, below = low > threshold, high < threshold
+    if want == "below":
+        above, below = below, above
+    return "supported" if above else "not supported" if below else "inconclusive"
+
+
+def claims_table(rows: list[dict[str, str]], P: dict[str, Any], notebook: str) -> pd.DataFrame:
+    """Save the notebook's claims (claims.csv, read by lordo.reproduce for the README) and print them."""
+    df = pd.DataFrame(rows)
+    save_table(df, P, notebook, "claims")
+    for r in rows:
+        print(f"{r['claim']}\n    {r['paper']}  [{r['source']}]\n    this run: {r['this run']}\n"
+              f"    verdict: {r['verdict']}\n")
+    return df
