@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,8 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "launcher": (lambda v: v in LAUNCHERS, f"one of {list(LAUNCHERS)}"),
     "config_dir": (lambda v: v is None or isinstance(v, str) and (repo_path(v)).is_dir(),
                    "None, or a directory of <preset>_<method>.yaml files"),
+    "ladder_overrides": (lambda v: v is None or isinstance(v, dict) and all(
+        k in PRESETS and isinstance(o, dict) for k, o in v.items()), "None or {preset: {config field: value}}"),
     "results_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
     "figures_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
 } | {name: (_int(1), "an int >= 1") for name in (
@@ -86,19 +89,19 @@ def check_params(**params: Any) -> dict[str, Any]:
         ok, allowed = CHECKS[name]
         if not (value is None and name in TRAIN_FIELDS or ok(value)):
             raise ValueError(f"parameter {name}={value!r} is invalid: allowed {allowed}")
-    presets = [p for p in params.get("presets") or [params.get("preset")] if p]
+    presets = list(dict.fromkeys(p for p in [params.get("preset"), *(params.get("presets") or [])] if p))
     for name in ("rank", "ranks", "low_memory_rank"):
         values = params.get(name) if name == "ranks" else [params.get(name)]
         for r in values or []:
             for preset in presets:
                 if isinstance(r, int) and r > min_side(preset):
-                    side = min_side(preset)
-                    raise ValueError(f"parameter {name}={params[name]!r} is invalid for preset {preset}: "
-                                     f"allowed ints in [1, {side}] (its smallest matrix side) or fractions in (0, 1]")
+                    raise ValueError(f"parameter {name}={params[name]!r} is invalid for preset {preset}: allowed ints "
+                                     f"in [1, {min_side(preset)}] (its smallest matrix side) or fractions in (0, 1]")
+    overrides = params.get("ladder_overrides") or {}
     for preset in presets:   # the shared fields must make a valid run of every method (config_dir files exist)
         for method in params.get("methods") or ["lordo"]:
             try:
-                run_config(params | {"preset": preset}, method)
+                run_config(params | {"preset": preset}, method, **overrides.get(preset, {}))
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"the parameters give no valid {method} run on {preset}: {e}") from None
     return params
@@ -243,10 +246,10 @@ def paired_gap(df: pd.DataFrame, a: dict[str, Any], b: dict[str, Any], value: st
     return {"mean": gaps.mean(), "lo": lo, "hi": hi, "n": len(gaps)}
 
 
-def fmt_gap(g: dict[str, Any], unit: str = "%") -> str:
+def fmt_gap(g: dict[str, Any]) -> str:
     if g["n"] < 2:
-        return f"{g['mean']:+.2f}{unit} (1 seed)"
-    return f"{g['mean']:+.2f}{unit} [95% CI {g['lo']:+.2f}, {g['hi']:+.2f}] ({g['n']} seeds)"
+        return f"{g['mean']:+.2f}% (1 seed)"
+    return f"{g['mean']:+.2f}% [95% CI {g['lo']:+.2f}, {g['hi']:+.2f}] ({g['n']} seeds)"
 
 
 def slope_fits(df: pd.DataFrame, by: list[str], x: str = "batch_size", y: str = "distance", n_boot: int = 2000,
@@ -271,17 +274,31 @@ def slope_fits(df: pd.DataFrame, by: list[str], x: str = "batch_size", y: str = 
 
 
 # ---------------------------------------------------------------------- projection noise
-def _cached(name: str, key: dict[str, Any], compute) -> pd.DataFrame:
-    """A table cached in runs/analysis/ under the hash of everything it depends on (kept by `make clean`)."""
+@contextmanager
+def one_thread():
+    """Run the enclosed work on one CPU thread: small models' matmuls and SVDs run several times faster
+    unthreaded on a machine of few, shared cores (and nothing changes on a GPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cached(name: str, key: dict[str, Any], compute) -> dict[str, pd.DataFrame]:
+    """Tables cached in runs/analysis/ under the hash of everything they depend on (kept by `make clean`);
+    compute() returns {part: table}."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    path = runs_root() / "analysis" / f"{name}-{digest}.csv"
-    if path.is_file():
-        return pd.read_csv(path)
-    df = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path.with_suffix(".tmp"), index=False)
-    path.with_suffix(".tmp").replace(path)
-    return df
+    folder = runs_root() / "analysis" / f"{name}-{digest}"
+    if (folder / "done").is_file():
+        return {p.stem: pd.read_csv(p) for p in folder.glob("*.csv")}
+    tables = compute()
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, df in tables.items():
+        df.to_csv(folder / f"{part}.csv", index=False)
+    (folder / "done").write_text(json.dumps(key, indent=1, default=str) + "\n")
+    return tables
 
 
 def load_run_model(run: Run, vocab_size: int, device: torch.device) -> GPT:
@@ -327,23 +344,36 @@ def _pseudo_gradient(model: GPT, start: dict[str, torch.Tensor], tokens, batch: 
     return {k: _oriented(p.detach() - start[k]) for k, p in _matrices(model).items()}
 
 
-def _distances(estimates: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], rank: int) -> dict[str, float]:
+def _projections(matrices: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Exact rank-r projection of each matrix, batched over same-shape matrices."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, X in matrices.items():
+        by_shape.setdefault(tuple(X.shape), []).append(name)
     out = {}
-    for name, X in estimates.items():
-        Q = compute_projection(X[None].float(), rank, "svd")
-        Q_ref = compute_projection(reference[name][None].float(), rank, "svd")
-        out[name] = projection_distance(Q, Q_ref).item()
+    for names in by_shape.values():
+        out.update(zip(names, compute_projection(torch.stack([matrices[n] for n in names]).float(), rank, "svd")))
     return out
 
 
-def projection_noise(run: Run, P: dict[str, Any]) -> pd.DataFrame:
-    """Distance between the rank-r projection from a small-batch estimate and from a reference, per matrix.
+def _missed_energy(Q: torch.Tensor, X: torch.Tensor, Q_best: torch.Tensor) -> float:
+    """Fraction of the energy the best rank-r subspace captures of X that span(Q) misses."""
+    best = (Q_best.mT @ X).square().sum()
+    return (1 - (Q.mT @ X).square().sum() / best).clamp_min(0).item()
+
+
+def projection_noise(run: Run, P: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How far the rank-r projection from a small-batch estimate is from the one from a reference, per matrix.
 
     gradient: the gradient on B sequences (local: one worker) or M*B (global: M workers' average) against
     the gradient on ref_batch_size sequences. pseudo-gradient: one worker's parameter change after
     local_steps AdamW steps on batches of B (local), or the average of M workers' changes (global), against
-    the average of reference_workers other workers' changes. Rows: source, estimate, batch_size, samples,
-    repeat, param, layer, distance. Cached in runs/analysis/ by the run and every setting used.
+    the average of reference_workers other workers' changes.
+
+    Returns (noise, spectrum). noise rows: source, estimate, batch_size, samples, repeat, param, layer,
+    distance = ||Q Q^T - Q_ref Q_ref^T||_F / sqrt(2r), and weighted_distance = sqrt(the fraction of the
+    reference's best rank-r energy that span(Q) misses), which discounts directions the reference itself
+    hardly prefers. spectrum: each reference's singular values over its largest (sigma_i / sigma_1), per
+    matrix (the pseudo-gradient reference at the largest B). Cached in runs/analysis/ by run and settings.
     """
     from tqdm import tqdm
 
@@ -355,7 +385,12 @@ def projection_noise(run: Run, P: dict[str, Any]) -> pd.DataFrame:
     settings["lr"] = P["lr"] or c.lr
     key = {"run": c.hash(), "workers": M, "rank": rank, **settings}
 
-    def compute() -> pd.DataFrame:
+    def spectrum(source: str, reference: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        return [{"source": source, "param": name, "layer": layer_type(name), "index": i + 1, "sigma": s}
+                for name, X in reference.items()
+                for i, s in enumerate((lambda v: v / v[0])(torch.linalg.svdvals(X.float())).tolist())]
+
+    def compute() -> dict[str, pd.DataFrame]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         data = prepare(c.corpus, c.tokenizer, c.vocab_size, max_tokens=c.corpus_tokens)
         model = load_run_model(run, data.vocab_size, device)
@@ -365,26 +400,34 @@ def projection_noise(run: Run, P: dict[str, Any]) -> pd.DataFrame:
         pseudo = lambda b: _pseudo_gradient(model, start, data.train, b, P["local_steps"], settings["lr"], c.seq_len,
                                             rng, device)
         mean = lambda ds: {k: torch.stack([d[k] for d in ds]).mean(0) for k in ds[0]}
-        rows = []
+        rows, spectra = [], []
         bar = tqdm(total=2 * len(P["batch_sizes"]), desc="projection noise", unit="batch size")
         gradient_reference = grad(P["ref_batch_size"])
+        spectra += spectrum("gradient", gradient_reference)
         for source, estimate_fn in (("gradient", grad), ("pseudo-gradient", pseudo)):
             for B in P["batch_sizes"]:
                 reference = gradient_reference if source == "gradient" else \
                     mean([pseudo(B) for _ in range(P["reference_workers"])])
+                if source == "pseudo-gradient" and B == max(P["batch_sizes"]):
+                    spectra += spectrum(source, reference)
+                Q_ref = _projections(reference, rank)
                 for rep in range(P["repeats"]):
                     workers = [estimate_fn(B) for _ in range(M)]
                     for estimate, X in (("local", workers[0]), ("global", mean(workers))):
-                        for name, d in _distances(X, reference, rank).items():
-                            rows.append({"source": source, "estimate": estimate, "batch_size": B,
-                                         "samples": B if estimate == "local" else M * B, "repeat": rep,
-                                         "param": name, "layer": layer_type(name), "distance": d})
+                        for name, Q in _projections(X, rank).items():
+                            rows.append({
+                                "source": source, "estimate": estimate, "batch_size": B,
+                                "samples": B if estimate == "local" else M * B, "repeat": rep, "param": name,
+                                "layer": layer_type(name), "distance": projection_distance(Q, Q_ref[name]).item(),
+                                "weighted_distance": _missed_energy(Q, reference[name], Q_ref[name]) ** 0.5})
                 bar.update()
         bar.close()
         model.load_state_dict(start)
-        return pd.DataFrame(rows)
+        return {"noise": pd.DataFrame(rows), "spectrum": pd.DataFrame(spectra)}
 
-    return _cached("projection_noise", key, compute).assign(rank=rank, workers=M, preset=c.preset)
+    with one_thread():
+        tables = _cached("projection_noise", key, compute)
+    return tables["noise"].assign(rank=rank, workers=M, preset=c.preset), tables["spectrum"].assign(rank=rank)
 
 
 # ---------------------------------------------------------------------- memory and downstream
@@ -409,14 +452,16 @@ def downstream(runs: list[Run], tasks: str, limit: int | None) -> pd.DataFrame:
     with the same tasks and limit is read from its summary.json."""
     from tqdm import tqdm
 
-    from lordo.evaluate import evaluate_run
+    from lordo.evaluate import CORE_TASKS, evaluate_run
 
     rows = []
     for run in tqdm(runs, desc="downstream", unit="run"):
         summary = json.loads((run.dir / "summary.json").read_text())
         done = summary.get("downstream_speed", {})
-        if "downstream" not in summary or done.get("limit") != limit or done.get("tasks") != tasks:
-            evaluate_run(run.dir, tasks=tasks, limit=limit, perplexity_corpora="")
+        wanted = set(CORE_TASKS) if tasks == "core" else {t.strip() for t in tasks.split(",")}
+        if done.get("limit") != limit or not wanted <= set(summary.get("downstream", {})):
+            with one_thread():
+                evaluate_run(run.dir, tasks=tasks, limit=limit, perplexity_corpora="")
             summary = json.loads((run.dir / "summary.json").read_text())
         for task, scores in summary["downstream"].items():
             rows.append(describe(run) | {"task": task} | scores)
@@ -435,18 +480,19 @@ def claim(number: int | str, measured: str, verdict: str) -> dict[str, str]:
             "this run": measured, "verdict": verdict}
 
 
-def verdict(low: float, high: float, threshold: float, want: str = "above") -> str:
-    """'supported' when the whole interval is on the claimed side of threshold, 'not supported' when it is all
-    on the other side, else 'inconclusive'."""
-    above, below = low > threshold, high < threshold
+def verdict(gap: dict[str, Any], threshold: float, want: str = "above") -> str:
+    """'supported' when the 95% interval of a paired_gap lies on the claimed side of threshold, 'not supported'
+    when it lies on the other side, else 'inconclusive'; from one seed, the mean decides and the verdict says so."""
+    above, below = gap["lo"] > threshold, gap["hi"] < threshold
     if want == "below":
         above, below = below, above
-    return "supported" if above else "not supported" if below else "inconclusive"
+    out = "supported" if above else "not supported" if below else "inconclusive"
+    return out + " (one seed, no interval)" if gap["n"] < 2 else out
 
 
 def claims_table(rows: list[dict[str, str]], P: dict[str, Any], notebook: str) -> pd.DataFrame:
     """Save the notebook's claims (claims.csv, read by lordo.reproduce for the README) and print them."""
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=["claim", "paper", "source", "this run", "verdict"])
     save_table(df, P, notebook, "claims")
     for r in rows:
         print(f"{r['claim']}\n    {r['paper']}  [{r['source']}]\n    this run: {r['this run']}\n"

@@ -102,9 +102,19 @@ class TrainConfig:
         """The fields that determine the result."""
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
+    def resolved_optimizer(self) -> dict[str, Any]:
+        """Every optimizer hyper-parameter this run uses: its own, else the package defaults."""
+        hp = {**DEFAULTS, **self.optimizer_hparams()}
+        if hp["omega"] is None:
+            hp["omega"] = METHODS[self.method].omega
+        return hp
+
     def hash(self) -> str:
-        blob = json.dumps(self.result_dict(), sort_keys=True, default=list)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        """Key of the result: the fields plus what they resolve to (optimizer defaults, the model's
+        shape), so a changed package default is a new run, not a stale cached one."""
+        from lordo.model import PRESETS
+        key = {**self.result_dict(), "resolved_optimizer": self.resolved_optimizer(), "model": PRESETS[self.preset]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> TrainConfig:
         return make_config(self.to_dict(), **changes)
@@ -175,8 +185,7 @@ def validate_config(c: TrainConfig) -> None:
         nproc = c.nproc_per_node or c.workers // c.nnodes
         _need(nproc * c.nnodes == c.workers, "nproc_per_node", c.nproc_per_node,
               f"nproc_per_node * nnodes == workers ({c.workers})")
-    hp = {**DEFAULTS, **c.optimizer_hparams()}
     try:
-        validate_hparams(hp)
+        validate_hparams(c.resolved_optimizer())
     except ValueError as e:
         raise ValueError(f"config field {e}") from None

@@ -63,8 +63,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 # Documented defaults (README "Decisions"); `omega=None` means the method's own.
 DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, rank=0.25, sync_every=16, omega=None,
-    clip=1.0, error_feedback=True, moments_on_refresh="keep", proj_method="randomized", proj_every=200,
-    proj_iters=2, outer_lr=1.0, outer_momentum=0.0, comm_dtype="float32", nonfinite="raise",
+    clip=1.0, error_feedback=True, moments_on_refresh="keep", proj_method="power", proj_every=200,
+    proj_iters=1, outer_lr=1.0, outer_momentum=0.0, comm_dtype="float32", nonfinite="raise",
     diagnostics=False, seed=0, bucket_mb=64.0,
 )
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "rank", "omega")   # may differ per param group
@@ -100,7 +100,7 @@ def validate_hparams(hp: dict[str, Any]) -> None:
     _check(hp["moments_on_refresh"] in MOMENT_RULES, "moments_on_refresh", hp["moments_on_refresh"], str(MOMENT_RULES))
     _check(hp["proj_method"] in PROJ_METHODS, "proj_method", hp["proj_method"], str(PROJ_METHODS))
     _check(isinstance(hp["proj_every"], int) and hp["proj_every"] >= 1, "proj_every", hp["proj_every"], "an int >= 1")
-    _check(isinstance(hp["proj_iters"], int) and hp["proj_iters"] >= 0, "proj_iters", hp["proj_iters"], "an int >= 0")
+    _check(isinstance(hp["proj_iters"], int) and hp["proj_iters"] >= 1, "proj_iters", hp["proj_iters"], "an int >= 1")
     _check(hp["outer_lr"] > 0, "outer_lr", hp["outer_lr"], "> 0")
     _check(0 <= hp["outer_momentum"] < 1, "outer_momentum", hp["outer_momentum"], "a number in [0, 1)")
     _check(hp["comm_dtype"] in COMM_DTYPES, "comm_dtype", hp["comm_dtype"], str(tuple(COMM_DTYPES)))
@@ -153,6 +153,7 @@ class _Bucket:
     step: int = 0                   # the moments' step count k
     fresh: bool = False             # Q changed since the last step: project R, not only G
     explored: list[torch.Tensor] | None = field(default=None)  # diagnostics: union basis per matrix
+    work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
 
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -211,7 +212,7 @@ class LoRDO(torch.optim.Optimizer):
                     transposed = p.shape[0] > p.shape[1]
                     shape = (min(p.shape), max(p.shape))
                     rank = resolve_rank(g["rank"], tuple(p.shape), self.names[i])
-                    key = (gi, shape, rank, p.dtype, p.device)
+                    key = (gi, shape, rank, p.dtype, p.device, transposed)   # one storage layout a bucket
                     if key not in by_key:
                         by_key[key] = _Bucket(g, [], [], shape, rank)
                         self.buckets.append(by_key[key])
@@ -242,12 +243,17 @@ class LoRDO(torch.optim.Optimizer):
             n, (rows, cols) = len(b.indices), b.shape
             b.exp_avg = p0.new_zeros(n, b.rank, cols)
             b.exp_avg_sq = p0.new_zeros(n, b.rank, cols)
-            b.ef = p0.new_zeros(n, rows, cols) if ef else None
+            # the error feedback is stored like the weights (q x p when transposed) and viewed oriented,
+            # so that adding the gradients to it is a contiguous pass
+            b.ef = (p0.new_zeros(n, cols, rows).mT if b.transposed[0] else p0.new_zeros(n, rows, cols)) if ef \
+                else None
+            b.work = p0.new_empty(n, b.rank, cols)
         if self.method.local:
             self._anchor = [p.detach().clone() for p in self.params]
             self._outer_m = ([torch.zeros_like(p) for p in self.params]
                              if self.hparams["outer_momentum"] > 0 else None)
         self._adam_steps = 0
+        self._adam_step_t = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         self._initialized = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -367,12 +373,18 @@ class LoRDO(torch.optim.Optimizer):
             return
         self._adam_steps += 1
         k = self._adam_steps
+        self._adam_step_t.fill_(k)
         for g, idx in self._full_by_group:
             params = [self.params[i] for i in idx]
             states = [self.state[p] for p in params]
             m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
             (b1, b2), lr = g["betas"], g["lr"]
             gs = [grads[i] for i in idx]
+            if len({(p.device, p.dtype) for p in params}) == 1:    # torch's fused kernel: no temporaries
+                torch._fused_adamw_(params, gs, m, v, [], [self._adam_step_t] * len(params), lr=lr, beta1=b1,
+                                    beta2=b2, weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False,
+                                    maximize=False)
+                continue
             torch._foreach_lerp_(m, gs, 1 - b1)
             torch._foreach_mul_(v, b2)
             torch._foreach_addcmul_(v, gs, gs, value=1 - b2)
@@ -384,26 +396,36 @@ class LoRDO(torch.optim.Optimizer):
             torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1**k))
 
     def _lowrank_step(self, b: _Bucket, grads: list[torch.Tensor]) -> None:
+        """One matrix at a time on views (no stacked copies): per matrix two rank-r matmuls, the second
+        accumulated straight into the weight, and contiguous passes over G, E and W."""
         g = b.group
         (b1, b2), lr, eps, omega = g["betas"], g["lr"], g["eps"], g["omega"]
-        G = torch.stack([_oriented(x, t) for x, t in zip(grads, b.transposed)])     # (n, p, q), clipped
+        G = [_oriented(x, t) for x, t in zip(grads, b.transposed)]                   # clipped, (p, q) views
+        low = b.work
         if b.ef is not None:
-            b.ef.add_(G)
-            low = b.Q.mT @ (b.ef if b.fresh else G)        # = Q^T (G + E): Q^T E is 0 unless Q just changed
+            torch._foreach_add_(list(b.ef.unbind(0)), G)
+        if b.ef is not None and b.fresh:
+            torch.bmm(b.Q.mT, b.ef, out=low)              # = Q^T (G + E): Q^T E is 0 unless Q just changed
         else:
-            low = b.Q.mT @ G
+            for j, x in enumerate(G):
+                torch.mm(b.Q[j].mT, x, out=low[j])
         b.fresh = False
         b.step += 1
         b.exp_avg.lerp_(low, 1 - b1)
         b.exp_avg_sq.mul_(b2).addcmul_(low, low, value=1 - b2)
-        denom = (b.exp_avg_sq / (1 - b2**b.step)).sqrt_().add_(eps)
-        update = b.Q @ (b.exp_avg / denom).mul_(omega / (1 - b1**b.step))
-        if omega < 1:      # the full-rank quasi-hyperbolic term G / mean(D)
-            update.addcmul_(G, (1 - omega) / denom.mean(dim=(1, 2), keepdim=True))
-        params = [_oriented(self.params[i], t) for i, t in zip(b.indices, b.transposed)]
+        denom = torch.div(b.exp_avg_sq, 1 - b2**b.step, out=low).sqrt_().add_(eps)    # D, in the workspace
+        qh = denom.mean(dim=(1, 2)).reciprocal_().mul_(-lr * (1 - omega)) if omega < 1 else None
+        N = torch.div(b.exp_avg, denom, out=low).mul_(omega / (1 - b1**b.step))
+        params = [self.params[i] for i in b.indices]            # as stored: every write below is contiguous
         if g["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * g["weight_decay"])
-        torch._foreach_add_(params, list(update.unbind(0)), alpha=-lr)
+        for j, (w, t) in enumerate(zip(params, b.transposed)):  # W -= lr omega Q (u_hat / D)
+            if t:
+                w.addmm_(N[j].mT, b.Q[j].mT, alpha=-lr)         # stored q x p: W^T -= lr N^T Q^T
+            else:
+                w.addmm_(b.Q[j], N[j], alpha=-lr)
+        if qh is not None:                                      # the full-rank quasi-hyperbolic term G / mean(D)
+            torch._foreach_addcmul_(params, grads, list(qh.unbind(0)))
 
     # ------------------------------------------------------------------ projections
     def _refresh_before_step(self, grads: list[torch.Tensor], finite: bool) -> None:
@@ -489,8 +511,20 @@ class LoRDO(torch.optim.Optimizer):
         if not self._initialized:
             self._init_state()
         hp = self.hparams
-        deltas = torch._foreach_sub(self.params, self._anchor)
-        own = self._stacked(deltas) if self.method.projection == "local" else None
+        # The matrices' deltas go straight into one stacked buffer per bucket (the projection's input),
+        # the rest into plain tensors: one full-size copy instead of two.
+        deltas: list[torch.Tensor] = [None] * len(self.params)   # type: ignore[list-item]
+        stacks = []
+        for b in self.buckets:
+            p0 = self.params[b.indices[0]]
+            X = p0.new_empty(len(b.indices), *p0.shape)           # the weights' own layout
+            for j, i in enumerate(b.indices):
+                deltas[i] = torch.sub(self.params[i], self._anchor[i], out=X[j])
+            stacks.append(X.mT if b.transposed[0] else X)
+        for i, d in zip(self.full, torch._foreach_sub([self.params[i] for i in self.full],
+                                                      [self._anchor[i] for i in self.full])):
+            deltas[i] = d
+        own = [X.clone() for X in stacks] if self.method.projection == "local" else None
         self._all_reduce_mean(deltas, "sync")
         if self._outer_m is not None:   # Nesterov SGD on the outer gradient -Delta
             torch._foreach_mul_(self._outer_m, hp["outer_momentum"])
@@ -499,7 +533,7 @@ class LoRDO(torch.optim.Optimizer):
         torch._foreach_add_(self._anchor, deltas, alpha=hp["outer_lr"])
         torch._foreach_copy_(self.params, self._anchor)
         if self.buckets:
-            self._refresh(own if own is not None else self._stacked(deltas))
+            self._refresh(own if own is not None else stacks)
         self.synced = True
 
     # ------------------------------------------------------------------ checkpoints

@@ -29,6 +29,9 @@ _CB = sns.color_palette("colorblind")
 COLORS = {"ddp": _CB[7], "lowrank_ddp": _CB[0], "local_adam": _CB[2], "lordo_local": _CB[4], "lordo_global": _CB[1],
           "lordo": _CB[3]}
 
+# projections estimated from one worker's batch (local) and from M workers' average (global)
+ESTIMATE_COLORS = {"local": _CB[1], "global": _CB[0]}
+
 
 def style() -> None:
     """The package's seaborn theme: white grid, colorblind palette, readable sizes."""
@@ -48,9 +51,9 @@ def order(methods: Any) -> list[str]:
     return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
 
 
-def labelled(df: pd.DataFrame, column: str = "method") -> pd.DataFrame:
-    """A copy with a `label` column of display names, for legends."""
-    return df.assign(label=df[column].map(label))
+def labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy with a `label` column of the methods' display names, for legends."""
+    return df.assign(label=df["method"].map(label))
 
 
 def palette(methods: Any) -> dict[str, Any]:
@@ -94,8 +97,9 @@ def lines(ax: plt.Axes, data: pd.DataFrame, x: str, y: str, hue: str = "method",
 
 def points(ax: plt.Axes, data: pd.DataFrame, x: str, y: str, hue: str | None = None, **kw: Any) -> plt.Axes:
     """Mean of y per x category with a 95% Student-t interval, individual seeds as dots."""
-    sns.stripplot(data=data, x=x, y=y, hue=hue, dodge=hue is not None, alpha=0.35, ax=ax, legend=False, **kw)
-    sns.pointplot(data=data, x=x, y=y, hue=hue, errorbar=ci95, dodge=0.4 if hue else False, linestyle="none",
+    dodge = hue is not None and hue != x
+    sns.stripplot(data=data, x=x, y=y, hue=hue, dodge=dodge, alpha=0.35, ax=ax, legend=False, **kw)
+    sns.pointplot(data=data, x=x, y=y, hue=hue, errorbar=ci95, dodge=0.4 if dodge else False, linestyle="none",
                   capsize=0.15, markers="D", ax=ax, **kw)
     return ax
 

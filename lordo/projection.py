@@ -24,46 +24,48 @@ def canonical_signs(Q: torch.Tensor) -> torch.Tensor:
     return Q * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def _ritz(X: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
-    """Best rank-r left singular vectors of X within span(basis) (Rayleigh-Ritz)."""
-    B = basis.mT @ X                                          # (n, l, q), l small
-    U, _, _ = torch.linalg.svd(B, full_matrices=False)
-    return basis @ U[..., :rank]
+def _top_left_singular(W: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-`rank` left singular vectors of a tall, thin stack W (n, p, l): QR, then the l x l SVD of R."""
+    Qw, R = torch.linalg.qr(W)
+    return Qw @ torch.linalg.svd(R)[0][..., :rank]
 
 
-def compute_projection(X: torch.Tensor, rank: int, method: str = "randomized", *, prev: torch.Tensor | None = None,
-                       seed: int = 0, iters: int = 2, oversample: int = 8) -> torch.Tensor:
+def compute_projection(X: torch.Tensor, rank: int, method: str = "power", *, prev: torch.Tensor | None = None,
+                       seed: int = 0, iters: int = 1, oversample: int = 8) -> torch.Tensor:
     """Top-`rank` left singular vectors of each matrix in X (n, p, q), as (n, p, rank).
 
     svd        exact, `torch.linalg.svd` (seconds for large matrices on a CPU)
-    randomized Halko-Martinsson-Tropp sketch with `oversample` extra columns and `iters`
-               power iterations, from a Gaussian sketch seeded by `seed`
-    power      block power iteration warm-started from `prev` (the last Q; a seeded sketch
-               when there is none), `iters` steps, then a Rayleigh-Ritz rotation
-    Computed in float32 at least; returned in X's dtype.
+    randomized subspace iteration (Halko-Martinsson-Tropp) from rank + `oversample` Gaussian columns
+               (seeded by `seed`): `iters` + 1 products W = X X^T Y, the first being the sketch
+    power      the same, warm-started: the start is `prev` (the last Q) plus `oversample` Gaussian
+               columns, so `iters` products track a slowly moving subspace (as PowerSGD does) while
+               the extra columns let new directions in; without `prev` it is `randomized`
+    Each product reads X twice and costs as much as an optimizer step's matmuls, so nothing else does:
+    the last W's own SVD (QR, then the small l x l SVD of R) gives the basis, ordered by sigma^2,
+    instead of a Rayleigh-Ritz product with X. Computed in float32 at least; returned in X's dtype.
     """
     if method not in PROJ_METHODS:
         raise ValueError(f"proj_method={method!r} is not one of {PROJ_METHODS}")
+    if iters < 1:
+        raise ValueError(f"iters={iters} must be >= 1")
     n, p, q = X.shape
     if not 1 <= rank <= min(p, q):
         raise ValueError(f"rank={rank} must be in [1, {min(p, q)}] for {p}x{q} matrices")
     dtype = X.dtype
     X = X.float() if dtype in (torch.float16, torch.bfloat16) else X
     if method == "svd":
-        Q = torch.linalg.svd(X, full_matrices=False)[0][..., :rank]
-    else:
-        if method == "power" and prev is not None:
-            Y = prev.to(X.dtype)
-        else:
-            width = min(rank + oversample, p, q)
-            gen = torch.Generator(device=X.device).manual_seed(seed)
-            sketch = torch.randn(n, q, width, generator=gen, device=X.device, dtype=X.dtype)
-            Y = X @ sketch
-        Y = torch.linalg.qr(Y)[0]
-        for _ in range(iters):
-            Y = torch.linalg.qr(X @ (X.mT @ Y))[0]
-        Q = _ritz(X, Y, rank)
-    return canonical_signs(Q).to(dtype)
+        return canonical_signs(torch.linalg.svd(X, full_matrices=False)[0][..., :rank]).to(dtype)
+    warm = method == "power" and prev is not None
+    width = min(rank + oversample, p, q) - (rank if warm else 0)
+    gen = torch.Generator(device=X.device).manual_seed(seed)
+    Y = torch.randn(n, p, width, generator=gen, device=X.device, dtype=X.dtype) / p**0.5
+    if warm:
+        Y = torch.cat([prev.to(X.dtype), Y], dim=-1)
+    for i in range(iters + (0 if warm else 1)):
+        if i:
+            Y = torch.linalg.qr(Y)[0]
+        Y = X @ (X.mT @ Y)
+    return canonical_signs(_top_left_singular(Y, rank)).to(dtype)
 
 
 def basis_similarity(Q_new: torch.Tensor, Q_old: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""The notebooks: committed clean and parameterized, presets consistent with them, one papermill run with
+non-default parameters, and a bad parameter stopping at the first cell after the parameters."""
+
+import os
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import papermill
+import pytest
+import yaml
+
+from lordo import analysis, reproduce
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+PRESETS = {p.stem: yaml.safe_load(p.read_text()) for p in (NOTEBOOKS[0].parent / "params").glob("*.yaml")}
+# differ by notebook, so no preset sets them
+PER_NOTEBOOK = {"methods"}
+
+
+def parameters(path: Path) -> dict:
+    return papermill.inspect_notebook(str(path))
+
+
+def test_five_notebooks_and_three_presets():
+    assert [p.stem.split("_")[0] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04"]
+    assert set(PRESETS) == {"smoke", "cpu", "paper"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.kernelspec.name == "python3"
+    assert nb.cells[0].cell_type == "markdown" and "Claim" in nb.cells[0].source
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert tagged == [1], "one parameters cell, right after the claim"
+    assert "check_params(" in nb.cells[2].source, "parameters are validated in the next cell"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_presets_match_notebook_parameters(path):
+    names = parameters(path)
+    known = set().union(*(parameters(p) for p in NOTEBOOKS))
+    for preset, values in PRESETS.items():
+        assert set(values) <= known - PER_NOTEBOOK, f"{preset}.yaml sets names no notebook uses"
+        assert set(names) - PER_NOTEBOOK <= set(values), f"{preset}.yaml leaves {path.stem} parameters unset"
+    for name, spec in names.items():   # the notebook's own defaults are the smoke preset
+        if name not in PER_NOTEBOOK:
+            assert eval(spec["default"]) == PRESETS["smoke"][name], name
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu"])
+def test_presets_are_valid(preset):
+    values = PRESETS[preset]
+    analysis.check_params(**values, methods=list(analysis.METHODS))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(methods=["ddp", "adamw"]), "parameter methods=.*allowed a non-empty list of"),
+    (dict(rank=-1), "parameter rank=-1 is invalid"),
+    (dict(rank=200), "rank=200 is invalid for preset tiny: allowed ints in \\[1, 96\\]"),
+    (dict(rank=80), "rank=80 is invalid for preset nano: allowed ints in \\[1, 64\\]"),
+    (dict(omegas=[1.5]), "parameter omegas"),
+    (dict(colour="red"), "unknown parameter 'colour'"),
+])
+def test_check_params_one_line_errors(bad, message):
+    with pytest.raises(ValueError, match=message) as e:
+        analysis.check_params(**(PRESETS["smoke"] | {"methods": ["ddp", "lordo"]} | bad))
+    assert "\n" not in str(e.value)
+
+
+def test_shared_runs_have_one_config():
+    P = analysis.check_params(**PRESETS["cpu"])
+    # what a notebook leaves at a default or a method ignores does not change the run
+    assert analysis.run_config(P, "ddp", omega=0.5, rank=4).hash() == analysis.run_config(P, "ddp").hash()
+    assert analysis.run_config(P, "lordo", omega=0.7).hash() == analysis.run_config(P, "lordo").hash()
+    assert analysis.run_config(P, "lordo", rank=12).hash() == analysis.run_config(P, "lordo").hash()  # 0.125 x 96
+    assert analysis.run_config(P, "lordo", moments_on_refresh="keep").hash() == analysis.run_config(P, "lordo").hash()
+    assert analysis.run_config(P, "lordo", moments_on_refresh="reset").hash() != analysis.run_config(P, "lordo").hash()
+
+
+@pytest.mark.parametrize("bad", [dict(methods=["nope"]), dict(rank=-1)], ids=["method", "rank"])
+def test_bad_parameter_stops_at_first_cell(tmp_path, bad):
+    path = NOTEBOOKS[0]
+    with pytest.raises(papermill.PapermillExecutionError) as e:
+        papermill.execute_notebook(str(path), str(tmp_path / "out.ipynb"), parameters=bad, kernel_name="python3",
+                                   cwd=str(path.parent), progress_bar=False)
+    assert e.value.ename == "ValueError" and "\n" not in e.value.evalue and "parameter" in e.value.evalue
+    cells = [c for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells if c.cell_type == "code"]
+    injected = next(i for i, c in enumerate(cells) if "injected-parameters" in c.metadata.get("tags", []))
+    assert "check_params(" in e.value.source and cells[injected + 1].source == e.value.source
+    assert [c.execution_count is not None for c in cells] == [i <= injected + 1 for i in range(len(cells))]
+
+
+def test_papermill_with_other_parameters(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORDO_RUNS_DIR", str(tmp_path / "runs"))
+    path = NOTEBOOKS[0]
+    params = dict(preset="nano", methods=["lowrank_ddp", "lordo"], workers=2, steps=4, batch_size=1, seq_len=32, rank=2,
+                  sync_every=2, eval_every=2, eval_batches=1, results_dir=str(tmp_path / "results"),
+                  figures_dir=str(tmp_path / "figures"))
+    papermill.execute_notebook(str(path), str(tmp_path / "out.ipynb"), parameters=params, kernel_name="python3",
+                               cwd=str(path.parent), progress_bar=False)
+    runs = pd.read_csv(tmp_path / "results" / path.stem / "runs.csv")
+    assert sorted(runs["method"]) == ["lordo", "lowrank_ddp"] and set(runs["preset"]) == {"nano"}
+    assert (runs["steps"] == 4).all() and (runs["workers"] == 2).all()
+    assert (tmp_path / "figures" / path.stem / "overview.png").is_file()
+    assert (tmp_path / "figures" / path.stem / "overview.pdf").is_file()
+    assert len(pd.read_csv(tmp_path / "results" / path.stem / "claims.csv")) == 2
+    assert len(list((tmp_path / "runs").glob("*-nano-*"))) == 2
+
+
+def test_reproduce_selects_notebooks():
+    assert [p.stem for p in reproduce.notebooks(["01", "03_rank_ablation"])] == ["01_projection_noise",
+                                                                                "03_rank_ablation"]
+    with pytest.raises(SystemExit, match="no notebook '07'"):
+        reproduce.notebooks(["07"])
