@@ -75,8 +75,9 @@ def main() -> None:
     torch.set_flush_denormal(True)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     data = prepare("shakespeare")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
-          f"device {device}, preset {args.preset}, {args.steps} steps of {args.batch_size}x{args.seq_len} tokens "
+    cpu = platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, device {device}, "
+          f"preset {args.preset}, {args.steps} steps of {args.batch_size}x{args.seq_len} tokens "
           f"per worker{', bf16' if args.bf16 else ''}")
     base = plain_loop(args, data, device)
     rows = [("plain loop, AdamW", 1, base)]

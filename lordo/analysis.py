@@ -482,12 +482,14 @@ def claim(number: int | str, measured: str, verdict: str) -> dict[str, str]:
 
 def verdict(gap: dict[str, Any], threshold: float, want: str = "above") -> str:
     """'supported' when the 95% interval of a paired_gap lies on the claimed side of threshold, 'not supported'
-    when it lies on the other side, else 'inconclusive'; from one seed, the mean decides and the verdict says so."""
+    when it lies on the other side, else 'inconclusive' (always, from one seed: no interval)."""
+    if gap["n"] < 2:
+        agrees = gap["mean"] > threshold if want == "above" else gap["mean"] < threshold
+        return f"inconclusive (one seed; its point estimate {'agrees' if agrees else 'disagrees'})"
     above, below = gap["lo"] > threshold, gap["hi"] < threshold
     if want == "below":
         above, below = below, above
-    out = "supported" if above else "not supported" if below else "inconclusive"
-    return out + " (one seed, no interval)" if gap["n"] < 2 else out
+    return "supported" if above else "not supported" if below else "inconclusive"
 
 
 def claims_table(rows: list[dict[str, str]], P: dict[str, Any], notebook: str) -> pd.DataFrame:

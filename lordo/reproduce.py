@@ -85,7 +85,9 @@ def write_readme(params: dict[str, Any], preset: str, timings: dict[str, float])
         table = pd.concat(claims, ignore_index=True)[["notebook", "claim", "paper", "source", "this run", "verdict"]]
         out += ["## Claims: this run beside the paper", "", table.to_markdown(index=False), ""]
     if timings:
-        out += ["## Runtime", "", "| notebook | minutes |", "|---|---|"]
+        out += ["## Runtime", "", "Wall-clock minutes of each notebook's latest execution; runs already in `runs/` "
+                "are loaded, not retrained, so a notebook that reuses another's runs is fast after it.", "",
+                "| notebook | minutes |", "|---|---|"]
         out += [f"| {k} | {v / 60:.1f} |" for k, v in sorted(timings.items())]
         out += [f"| total | {sum(timings.values()) / 60:.1f} |", ""]
     for nb in notebooks():
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     chosen = [] if args.readme_only else notebooks(args.only)
     start = time.perf_counter()
-    for nb in tqdm(chosen, desc=f"notebooks ({preset})", unit="notebook", file=sys.stdout):
+    for nb in tqdm(chosen, desc=f"notebooks ({preset})", unit="notebook", file=sys.stdout, disable=not chosen):
         out = results / nb.stem / f"{nb.stem}.ipynb"
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

@@ -54,7 +54,7 @@ def test_presets_match_notebook_parameters(path):
             assert eval(spec["default"]) == PRESETS["smoke"][name], name
 
 
-@pytest.mark.parametrize("preset", ["smoke", "cpu"])
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "paper"])
 def test_presets_are_valid(preset):
     values = PRESETS[preset]
     analysis.check_params(**values, methods=list(analysis.METHODS))
