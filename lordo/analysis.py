@@ -463,8 +463,9 @@ def downstream(runs: list[Run], tasks: str, limit: int | None) -> pd.DataFrame:
             with one_thread():
                 evaluate_run(run.dir, tasks=tasks, limit=limit, perplexity_corpora="")
             summary = json.loads((run.dir / "summary.json").read_text())
+        speed = summary["downstream_speed"]["requests_per_s"]
         for task, scores in summary["downstream"].items():
-            rows.append(describe(run) | {"task": task} | scores)
+            rows.append(describe(run) | {"task": task, "requests_per_s": speed} | scores)
     return pd.DataFrame(rows)
 
 

@@ -356,7 +356,13 @@ class LoRDO(torch.optim.Optimizer):
         if clip is None and rule == "off":
             return True
         total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        if rule != "off" and not torch.isfinite(total).item():   # the step's one host sync
+        if rule == "off":   # no host sync: scale by a tensor factor (1 when the clip does not bite)
+            torch._foreach_mul_(grads, (clip / (total + 1e-6)).clamp(max=1.0))
+            return True
+        # The step's one host sync. Knowing the norm on the host also spares a step under the clip a
+        # read and write of every gradient to multiply it by 1.
+        total = total.item()
+        if not math.isfinite(total):
             bad = next((repr(n) for n, g in zip(self.names, grads) if not torch.isfinite(g).all()),
                        "(every gradient is finite, their global norm overflowed)")
             if rule == "raise":
@@ -364,8 +370,8 @@ class LoRDO(torch.optim.Optimizer):
                                          "nothing was updated (use nonfinite='skip' to skip such steps)")
             self.skipped_steps += 1
             return False
-        if clip is not None:
-            torch._foreach_mul_(grads, (clip / (total + 1e-6)).clamp(max=1.0))
+        if clip is not None and clip / (total + 1e-6) < 1.0:
+            torch._foreach_mul_(grads, clip / (total + 1e-6))
         return True
 
     def _adamw_step(self, grads: list[torch.Tensor]) -> None:
