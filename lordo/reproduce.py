@@ -28,6 +28,7 @@ import pandas as pd
 import yaml
 
 from lordo.analysis import repo_path
+from lordo.files import write_json
 from lordo.trainer import REPO
 
 NOTEBOOKS = REPO / "notebooks"
@@ -134,10 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         print(f"\n== {nb.stem}: papermill -f notebooks/params/{preset}.yaml -> {out.relative_to(REPO)}", flush=True)
-        papermill.execute_notebook(nb, out, parameters=params, kernel_name="python3", cwd=str(NOTEBOOKS),
-                                   progress_bar=False, log_output=True)
+        declared = papermill.inspect_notebook(nb)   # a preset names every notebook's parameters; pass its own
+        papermill.execute_notebook(nb, out, parameters={k: v for k, v in params.items() if k in declared},
+                                   kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, log_output=True)
         timings[nb.stem] = round(time.perf_counter() - t0, 1)
-        timings_file.write_text(json.dumps(timings, indent=1) + "\n")
+        write_json(timings_file, timings)
         print(f"== {nb.stem}: {timings[nb.stem] / 60:.1f} min", flush=True)
     readme = write_readme(params, preset, timings)
     if chosen:
