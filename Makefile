@@ -45,7 +45,7 @@ bench: env
 	$(BIN)/python benchmarks/optimizer_step.py
 	$(BIN)/python benchmarks/trainer_throughput.py
 
-# Removes generated notebooks and caches of prepared data; never the cached runs in runs/.
+# Removes executed notebooks, result tables and tool caches; never the cached runs (runs/) or prepared data (data/cache/).
 clean:
 	rm -rf results .pytest_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
