@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,11 @@ import yaml
 from scipy import stats
 
 from lordo.config import LAUNCHERS, TrainConfig, make_config
+from lordo.files import write_atomic, write_json
 from lordo.model import GPT, PRESETS, model_config
 from lordo.optim import DEFAULTS, METHODS, MOMENT_RULES, make_optimizer
 from lordo.projection import compute_projection, projection_distance
-from lordo.trainer import REPO, Run, runs_root, train
+from lordo.trainer import REPO, Run, cpu_threads, runs_root, train
 
 LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 # Notebook parameters that are TrainConfig fields shared by every run of a notebook (None: the config
@@ -217,7 +217,7 @@ def table_path(P: dict[str, Any], notebook: str, name: str) -> Path:
 def save_table(df: pd.DataFrame, P: dict[str, Any], notebook: str, name: str) -> None:
     path = table_path(P, notebook, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False)
+    write_atomic(path, lambda f: df.to_csv(f, index=False))
 
 
 def load_table(P: dict[str, Any], notebook: str, name: str) -> pd.DataFrame:
@@ -274,18 +274,6 @@ def slope_fits(df: pd.DataFrame, by: list[str], x: str = "batch_size", y: str = 
 
 
 # ---------------------------------------------------------------------- projection noise
-@contextmanager
-def one_thread():
-    """Run the enclosed work on one CPU thread: small models' matmuls and SVDs run several times faster
-    unthreaded on a machine of few, shared cores (and nothing changes on a GPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _cached(name: str, key: dict[str, Any], compute) -> dict[str, pd.DataFrame]:
     """Tables cached in runs/analysis/ under the hash of everything they depend on (kept by `make clean`);
     compute() returns {part: table}."""
@@ -296,8 +284,8 @@ def _cached(name: str, key: dict[str, Any], compute) -> dict[str, pd.DataFrame]:
     tables = compute()
     folder.mkdir(parents=True, exist_ok=True)
     for part, df in tables.items():
-        df.to_csv(folder / f"{part}.csv", index=False)
-    (folder / "done").write_text(json.dumps(key, indent=1, default=str) + "\n")
+        write_atomic(folder / f"{part}.csv", lambda f, df=df: df.to_csv(f, index=False))
+    write_json(folder / "done", key)   # last: a folder without it is recomputed
     return tables
 
 
@@ -425,7 +413,7 @@ def projection_noise(run: Run, P: dict[str, Any]) -> tuple[pd.DataFrame, pd.Data
         model.load_state_dict(start)
         return {"noise": pd.DataFrame(rows), "spectrum": pd.DataFrame(spectra)}
 
-    with one_thread():
+    with cpu_threads(1):   # small models' matmuls and SVDs: several times faster unthreaded on few cores
         tables = _cached("projection_noise", key, compute)
     return tables["noise"].assign(rank=rank, workers=M, preset=c.preset), tables["spectrum"].assign(rank=rank)
 
@@ -460,7 +448,7 @@ def downstream(runs: list[Run], tasks: str, limit: int | None) -> pd.DataFrame:
         done = summary.get("downstream_speed", {})
         wanted = set(CORE_TASKS) if tasks == "core" else {t.strip() for t in tasks.split(",")}
         if done.get("limit") != limit or not wanted <= set(summary.get("downstream", {})):
-            with one_thread():
+            with cpu_threads(1):
                 evaluate_run(run.dir, tasks=tasks, limit=limit, perplexity_corpora="")
             summary = json.loads((run.dir / "summary.json").read_text())
         speed = summary["downstream_speed"]["requests_per_s"]

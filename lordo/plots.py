@@ -21,6 +21,7 @@ import seaborn as sns
 from matplotlib.ticker import FuncFormatter
 
 from lordo.analysis import ci95, repo_path
+from lordo.files import write_json
 
 METHOD_ORDER = ("ddp", "lowrank_ddp", "local_adam", "lordo_local", "lordo_global", "lordo")
 LABELS = {"ddp": "DDP", "lowrank_ddp": "low-rank DDP", "local_adam": "Local AdamW (DiLoCo)",
@@ -133,4 +134,4 @@ def save(fig: plt.Figure, P: dict[str, Any], notebook: str, name: str, caption: 
     captions_file = out / "captions.json"
     captions = json.loads(captions_file.read_text()) if captions_file.is_file() else {}
     captions[name] = caption
-    captions_file.write_text(json.dumps(dict(sorted(captions.items())), indent=1) + "\n")
+    write_json(captions_file, dict(sorted(captions.items())))

@@ -28,7 +28,7 @@ import pandas as pd
 import yaml
 
 from lordo.analysis import repo_path
-from lordo.files import write_json
+from lordo.files import write_atomic, write_json
 from lordo.trainer import REPO
 
 NOTEBOOKS = REPO / "notebooks"
@@ -102,7 +102,7 @@ def write_readme(params: dict[str, Any], preset: str, timings: dict[str, float])
                     f"([PDF]({nb.stem}/{name}.pdf); executed notebook: "
                     f"`{params['results_dir']}/{nb.stem}/{nb.stem}.ipynb`)", ""]
     figures.mkdir(parents=True, exist_ok=True)
-    (figures / "README.md").write_text("\n".join(out))
+    write_atomic(figures / "README.md", lambda f: f.write("\n".join(out)))
     return figures / "README.md"
 
 

@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -311,6 +311,17 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force
     return bool(resume)
 
 
+
+@contextmanager
+def cpu_threads(n: int):
+    """Run the enclosed work on n intra-op CPU threads, then restore the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = False, resume: bool | None = None,
           stop_at: int | None = None, **fields: Any) -> Run:
     """Train (or load the cached result of) one configuration; returns the finished Run.
@@ -336,13 +347,10 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
         launch_torchrun(cfg, run_dir, resume, stop_at)
     else:
         device = resolve_device(cfg)
-        threads = torch.get_num_threads()
-        if device.type == "cpu":   # workers share the cores; oversubscription slows every one of them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.workers))
-        try:
+        # workers share the cores; oversubscription slows every one of them
+        share = cpu_threads(max(1, (os.cpu_count() or 1) // cfg.workers)) if device.type == "cpu" else nullcontext()
+        with share:
             run_simulated(worker, cfg.workers, cfg, data, run_dir, device, resume, stop_at)
-        finally:
-            torch.set_num_threads(threads)
     if stop_at is not None and stop_at < cfg.steps:
         return Run(run_dir, cfg, {"stopped_at": stop_at})
     return Run.load(run_dir)
