@@ -1,6 +1,7 @@
 """The trainer end to end on the nano preset: launchers agree, runs resume and are cached."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -209,3 +210,21 @@ def _is_rank(proc_dir: Path, rank: int, out: Path) -> bool:
     except OSError:
         return False
     return b"lordo.launch" in cmdline and str(out).encode() in cmdline and f"LOCAL_RANK={rank}".encode() in environ
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_lr_schedules(schedule):
+    from lordo.trainer import lr_multiplier
+
+    cfg = make_config(dict(schedule=schedule, steps=100, warmup=10, min_lr_ratio=0.1, decay_fraction=0.2))
+    lr = [lr_multiplier(cfg, s) for s in range(100)]
+    assert lr[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])          # linear warmup to the peak
+    assert max(lr) == pytest.approx(1.0) and min(lr[10:]) >= 0.1 - 1e-12
+    if schedule == "constant":
+        assert lr[10:] == [1.0] * 90
+    elif schedule == "cosine":                                                  # halfway down at mid-decay
+        assert lr[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+        assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+    else:                                                                       # stable, then the last 20% decay
+        assert lr[10:80] == [1.0] * 70 and lr[99] == pytest.approx(0.1)
+        assert all(a > b for a, b in zip(lr[79:], lr[80:]))
