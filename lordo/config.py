@@ -63,6 +63,7 @@ class TrainConfig:
     moments_on_refresh: str | None = None
     proj_method: str | None = None
     proj_every: int | None = None
+    proj_source: str | None = None  # pseudo_gradient (the paper) | gradient (diagnostic: +1 all-reduce per sync)
     outer_lr: float | None = None
     outer_momentum: float | None = None
     comm_dtype: str | None = None

@@ -35,7 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lordo.projection import PROJ_METHODS, basis_similarity, compute_projection, energy_outside, extend_basis
+from lordo.projection import (
+    PROJ_METHODS,
+    basis_similarity,
+    compute_projection,
+    energy_outside,
+    extend_basis,
+    visited_rank,
+)
 
 
 @dataclass(frozen=True)
@@ -64,11 +71,16 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, rank=0.25, sync_every=16, omega=None,
     clip=1.0, error_feedback=True, moments_on_refresh="keep", proj_method="power", proj_every=200,
-    proj_iters=1, outer_lr=1.0, outer_momentum=0.0, comm_dtype="float32", nonfinite="raise",
-    diagnostics=False, seed=0, bucket_mb=64.0,
+    proj_iters=1, proj_source="pseudo_gradient", outer_lr=1.0, outer_momentum=0.0, comm_dtype="float32",
+    nonfinite="raise", diagnostics=False, seed=0, bucket_mb=64.0,
 )
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "rank", "omega")   # may differ per param group
 MOMENT_RULES = ("keep", "reset", "rotate")
+# What a local method's Q is computed from at a synchronization: the (averaged) pseudo-gradient, as the paper,
+# or the (averaged) clipped gradient of the step that ends the interval, as lowrank_ddp's refresh; the latter
+# costs one more full-size all-reduce of the matrices per sync (global methods) and exists to measure what
+# the pseudo-gradient's projection costs (notebook 05).
+PROJ_SOURCES = ("pseudo_gradient", "gradient")
 NONFINITE_RULES = ("raise", "skip", "off")
 # float64 makes sums of up to a few fp32 values exact, hence independent of the backend's
 # reduction order: bit-reproducible across launchers at twice the bytes.
@@ -101,6 +113,7 @@ def validate_hparams(hp: dict[str, Any]) -> None:
     _check(hp["proj_method"] in PROJ_METHODS, "proj_method", hp["proj_method"], str(PROJ_METHODS))
     _check(isinstance(hp["proj_every"], int) and hp["proj_every"] >= 1, "proj_every", hp["proj_every"], "an int >= 1")
     _check(isinstance(hp["proj_iters"], int) and hp["proj_iters"] >= 1, "proj_iters", hp["proj_iters"], "an int >= 1")
+    _check(hp["proj_source"] in PROJ_SOURCES, "proj_source", hp["proj_source"], str(PROJ_SOURCES))
     _check(hp["outer_lr"] > 0, "outer_lr", hp["outer_lr"], "> 0")
     _check(0 <= hp["outer_momentum"] < 1, "outer_momentum", hp["outer_momentum"], "a number in [0, 1)")
     _check(hp["comm_dtype"] in COMM_DTYPES, "comm_dtype", hp["comm_dtype"], str(tuple(COMM_DTYPES)))
@@ -153,6 +166,7 @@ class _Bucket:
     step: int = 0                   # the moments' step count k
     fresh: bool = False             # Q changed since the last step: project R, not only G
     explored: list[torch.Tensor] | None = field(default=None)  # diagnostics: union basis per matrix
+    visits: torch.Tensor | None = None  # diagnostics: (n, p, p) sum of Q Q^T over refreshes
     work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
 
 
@@ -196,6 +210,7 @@ class LoRDO(torch.optim.Optimizer):
         self.synced = False        # whether the last step() ended with a synchronization
         self._comm_log: dict[str, list[int]] = {}   # kind -> [collectives, payload bytes]
         self._diagnostics: list[dict[str, Any]] = []
+        self._sync_grads: list[torch.Tensor] | None = None   # proj_source="gradient": the sync step's gradients
         self._initialized = False
 
     # ------------------------------------------------------------------ layout
@@ -347,6 +362,9 @@ class LoRDO(torch.optim.Optimizer):
                 self._lowrank_step(b, [grads[i] for i in b.indices])
         self.steps += 1
         if self.method.local and self.steps % self.hparams["sync_every"] == 0:
+            if self.buckets and self.hparams["proj_source"] == "gradient":
+                # a worker that skipped the step still joins the projection's all-reduce, with zeros
+                self._sync_grads = grads if finite else [torch.zeros_like(g) for g in grads]
             self.sync()
         return loss
 
@@ -454,8 +472,9 @@ class LoRDO(torch.optim.Optimizer):
         return [torch.stack([_oriented(tensors[i], t) for i, t in zip(b.indices, b.transposed)])
                 for b in self.buckets]
 
-    def _refresh(self, sources: list[torch.Tensor]) -> None:
-        """Set each bucket's Q to the top-r subspace of its stacked source; carry EF and moments."""
+    def _refresh(self, sources: list[torch.Tensor], own: list[torch.Tensor] | None = None) -> None:
+        """Set each bucket's Q to the top-r subspace of its stacked source; carry EF and moments.
+        `own`: this worker's own pseudo-gradients before averaging (diagnostics only)."""
         hp = self.hparams
         for bi, (b, X) in enumerate(zip(self.buckets, sources)):
             if X.is_cuda:
@@ -466,11 +485,11 @@ class LoRDO(torch.optim.Optimizer):
             if X.is_cuda:
                 torch.cuda.synchronize(X.device)
             self.projection_seconds += time.perf_counter() - t0
+            if b.Q is not None and b.ef is not None:   # materialize E = (I - Q_old Q_old^T) R before Q changes
+                b.ef.baddbmm_(b.Q, b.Q.mT @ b.ef, alpha=-1)
             if hp["diagnostics"]:
-                self._record(b, Q, X)
+                self._record(b, Q, X, own[bi] if own is not None else None)
             if b.Q is not None:
-                if b.ef is not None:      # materialize E = (I - Q_old Q_old^T) R before Q changes
-                    b.ef.baddbmm_(b.Q, b.Q.mT @ b.ef, alpha=-1)
                 self._carry_moments(b, Q)
             b.Q = Q
             b.fresh = True
@@ -492,16 +511,27 @@ class LoRDO(torch.optim.Optimizer):
             b.exp_avg = C @ b.exp_avg
             b.exp_avg_sq = bc2 * (C.square() @ var + (b.exp_avg / bc1).square())
 
-    def _record(self, b: _Bucket, Q_new: torch.Tensor, X: torch.Tensor) -> None:
+    def _record(self, b: _Bucket, Q_new: torch.Tensor, X: torch.Tensor, own: torch.Tensor | None) -> None:
+        """One record per matrix: how far Q moved, how much of the source it misses, what was visited, and
+        the sizes that explain them (source, error feedback, this worker's own update outside span(Q_old))."""
         old = b.Q is not None
-        sim = basis_similarity(Q_new, b.Q).tolist() if old else [None] * len(b.indices)
-        out = energy_outside(b.Q, X).tolist() if old else [None] * len(b.indices)
+        none = [None] * len(b.indices)
+        sim = basis_similarity(Q_new, b.Q).tolist() if old else none
+        out = energy_outside(b.Q, X).tolist() if old else none
+        own_out = energy_outside(b.Q, own).tolist() if old and own is not None else none
+        ef_norm = torch.linalg.matrix_norm(b.ef).tolist() if b.ef is not None else none
         if b.explored is None:
             b.explored = [None] * len(b.indices)
+            b.visits = torch.zeros(len(b.indices), b.shape[0], b.shape[0], dtype=torch.float64, device=Q_new.device)
+        b.visits.baddbmm_(Q_new.double(), Q_new.double().mT)
+        ranks = visited_rank(b.visits).tolist()
+        source_norm = torch.linalg.matrix_norm(X).tolist()
         for j, i in enumerate(b.indices):
             b.explored[j] = extend_basis(b.explored[j], Q_new[j])
             self._diagnostics.append({"step": self.steps, "param": self.names[i], "basis_similarity": sim[j],
-                                      "energy_outside": out[j], "explored_dim": b.explored[j].shape[-1]})
+                                      "energy_outside": out[j], "explored_dim": b.explored[j].shape[-1],
+                                      "explored_rank": ranks[j], "source_norm": source_norm[j],
+                                      "own_energy_outside": own_out[j], "ef_norm": ef_norm[j]})
 
     def pop_diagnostics(self) -> list[dict[str, Any]]:
         """Subspace records since the last call, one per matrix and projection refresh."""
@@ -530,7 +560,7 @@ class LoRDO(torch.optim.Optimizer):
         for i, d in zip(self.full, torch._foreach_sub([self.params[i] for i in self.full],
                                                       [self._anchor[i] for i in self.full])):
             deltas[i] = d
-        own = [X.clone() for X in stacks] if self.method.projection == "local" else None
+        own = [X.clone() for X in stacks] if self.method.projection == "local" or hp["diagnostics"] else None
         self._all_reduce_mean(deltas, "sync")
         if self._outer_m is not None:   # Nesterov SGD on the outer gradient -Delta
             torch._foreach_mul_(self._outer_m, hp["outer_momentum"])
@@ -539,7 +569,14 @@ class LoRDO(torch.optim.Optimizer):
         torch._foreach_add_(self._anchor, deltas, alpha=hp["outer_lr"])
         torch._foreach_copy_(self.params, self._anchor)
         if self.buckets:
-            self._refresh(own if own is not None else stacks)
+            sources = own if self.method.projection == "local" else stacks
+            if self._sync_grads is not None:
+                grads, self._sync_grads = self._sync_grads, None
+                if self.method.projection == "global":
+                    grads = [g.clone() for g in grads]
+                    self._all_reduce_mean([grads[i] for b in self.buckets for i in b.indices], "projection_gradient")
+                sources = self._stacked(grads)
+            self._refresh(sources, own)
         self.synced = True
 
     # ------------------------------------------------------------------ checkpoints
@@ -561,6 +598,7 @@ class LoRDO(torch.optim.Optimizer):
                     s["error_feedback_accum"] = b.ef[j].clone()
                 if b.explored is not None and b.explored[j] is not None:
                     s["explored_basis"] = b.explored[j].clone()
+                    s["visits"] = b.visits[j].clone()
         if self.method.local:
             for i in range(len(self.params)):
                 state[i]["anchor"] = self._anchor[i].clone()
@@ -605,6 +643,7 @@ class LoRDO(torch.optim.Optimizer):
                 b.ef.copy_(torch.stack([state[i]["error_feedback_accum"] for i in b.indices]))
             if "explored_basis" in first:
                 b.explored = [state[i]["explored_basis"].to(b.exp_avg) for i in b.indices]
+                b.visits = torch.stack([state[i]["visits"] for i in b.indices]).to(b.exp_avg.device, torch.float64)
         if self.method.local:
             for i in range(len(self.params)):
                 self._anchor[i].copy_(state[i]["anchor"])

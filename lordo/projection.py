@@ -103,3 +103,12 @@ def extend_basis(basis: torch.Tensor | None, Q: torch.Tensor, tol: float = 1e-3)
     U, S, _ = torch.linalg.svd(residual, full_matrices=False)
     new = U[:, S > tol][:, : basis.shape[-2] - basis.shape[-1]]
     return torch.cat([basis, new], dim=-1)
+
+
+def visited_rank(visits: torch.Tensor) -> torch.Tensor:
+    """Energy-weighted dimension of the subspaces visited: the participation ratio tr(V)^2 / ||V||_F^2 of
+    V = sum of Q Q^T over refreshes, per matrix (n, p, p). r when every Q spans one subspace, p when the
+    visits cover every direction equally; unlike `extend_basis`'s count, a direction visited once, faintly,
+    weighs little."""
+    trace = visits.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return trace.square() / visits.square().sum(dim=(-2, -1)).clamp_min(torch.finfo(visits.dtype).tiny)

@@ -136,11 +136,13 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
                     rank: int | float = 0.25, sync_every: int = 1, omega: float | None = None,
                     clip: float | None = None, error_feedback: bool = True,
                     moments_on_refresh: str = "keep", proj_every: int = 1, outer_lr: float = 1.0,
-                    outer_momentum: float = 0.0) -> list[Params]:
+                    outer_momentum: float = 0.0, proj_source: str = "pseudo_gradient") -> list[Params]:
     """Train M workers for `steps` steps from identical `init_params`; return each worker's parameters.
 
     `matrices` names the parameters that get the low-rank step (low-rank methods only); every other
-    parameter uses AdamW. `omega` defaults to 0.7 for `lordo` and 1 otherwise.
+    parameter uses AdamW. `omega` defaults to 0.7 for `lordo` and 1 otherwise. `proj_source="gradient"`:
+    at a synchronization the infrequent methods compute Q from the clipped gradients of that step (the
+    worker's own for lordo_local, their mean otherwise) instead of from the pseudo-gradients.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; one of {METHODS}")
@@ -208,6 +210,7 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
                 for m in range(workers):
                     params[m][n] = anchor[n].clone()
                 if n in lowrank:
+                    sources = [d[n] for d in deltas] if proj_source == "pseudo_gradient" else [g[n] for g in grads]
                     for m in range(workers):
-                        set_projection(m, n, deltas[m][n] if method == "lordo_local" else delta)
+                        set_projection(m, n, sources[m] if method == "lordo_local" else mean(sources))
     return params

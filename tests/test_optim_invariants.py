@@ -14,6 +14,7 @@ import torch
 
 from lordo.comm import run_simulated
 from lordo.optim import make_optimizer
+from lordo.projection import visited_rank
 from lordo.reference import compute_projection, oriented
 
 RANK = 2
@@ -109,10 +110,13 @@ def test_subspace_stagnation(method):
             else:
                 assert r["energy_outside"] > 1e-3 and r["basis_similarity"] < 1 - 1e-3
         dims = [r["explored_dim"] for r in own]
+        ranks = [r["explored_rank"] for r in own]
         if stagnant:
             assert dims == [RANK] * len(own)
+            assert max(abs(v - RANK) for v in ranks) < 1e-4
         else:
             assert dims == sorted(dims) and dims[-1] > RANK
+            assert ranks[0] == pytest.approx(RANK) and RANK < ranks[-1] <= dims[-1] + 1e-9
 
 
 def test_ddp_workers_equal_one_process_on_the_concatenated_batch():
@@ -176,3 +180,15 @@ def test_methods_that_coincide(method, other, workers, hp):
     b = train(other, workers, 7, on_step=snapshot, **hp)
     for (_, pa), (_, pb) in zip(a[0], b[0]):
         assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_visited_rank_weighs_directions_by_visits():
+    """Participation ratio of V = sum Q Q^T: r for one subspace however often, p for an even cover, and
+    in between (not p) when a second subspace is visited once against many visits of the first."""
+    eye = torch.eye(6, dtype=torch.float64)
+    first, second = eye[:, :2], eye[:, 2:4]
+    v = lambda qs: sum(q @ q.T for q in qs)[None]
+    assert visited_rank(v([first] * 5)).item() == pytest.approx(2)
+    assert visited_rank(v([first, second, eye[:, 4:]])).item() == pytest.approx(6)
+    once = visited_rank(v([first] * 9 + [second])).item()
+    assert 2 < once < 3   # (20)^2 / (2 * 81 + 2 * 1) = 2.44

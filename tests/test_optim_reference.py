@@ -62,15 +62,15 @@ CASES = {
                     {"moments_on_refresh": "reset"}, {"moments_on_refresh": "rotate", "rank": 0.5}],
     "local_adam": [{}, {"weight_decay": 0.1, "clip": 0.05}, {"outer_lr": 0.7, "outer_momentum": 0.9}],
     "lordo_local": [{}, {"moments_on_refresh": "reset", "clip": 0.05}, {"moments_on_refresh": "rotate"},
-                    {"error_feedback": False, "weight_decay": 0.1}],
+                    {"error_feedback": False, "weight_decay": 0.1}, {"proj_source": "gradient"}],
     # With omega = 1 and no weight decay every update stays in span(Q), so error feedback changes nothing
     # (subspace stagnation): it is switched off only beside weight decay.
     "lordo_global": [{}, {"moments_on_refresh": "reset"}, {"moments_on_refresh": "rotate", "clip": 0.05},
                      {"error_feedback": False, "weight_decay": 0.1},
-                     {"outer_lr": 0.7, "outer_momentum": 0.9}],
+                     {"outer_lr": 0.7, "outer_momentum": 0.9}, {"proj_source": "gradient", "clip": 0.05}],
     "lordo": [{}, {"omega": 1.0}, {"moments_on_refresh": "rotate", "weight_decay": 0.1, "clip": 0.05},
               {"moments_on_refresh": "reset", "error_feedback": False},
-              {"omega": 0.5, "outer_lr": 0.7, "outer_momentum": 0.9}],
+              {"omega": 0.5, "outer_lr": 0.7, "outer_momentum": 0.9}, {"proj_source": "gradient"}],
 }
 
 
