@@ -50,6 +50,11 @@ def _list(ok):
     return lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(ok(x) for x in v)
 
 
+def _ablations() -> dict[str, Any]:
+    from lordo.diagnosis import ABLATIONS  # diagnosis builds on this module
+    return ABLATIONS
+
+
 _RANK = "an int >= 1 or a float fraction of min(p, q) in (0, 1]"
 CHECKS: dict[str, tuple[Any, str]] = {
     "preset": (lambda v: v in PRESETS, f"one of {list(PRESETS)}"),
@@ -65,6 +70,10 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "sweep_seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
     "batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1"),
     "moments": (_list(lambda v: v in MOMENT_RULES), f"a non-empty list of {list(MOMENT_RULES)}"),
+    "gap_batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1 that divide steps x batch_size"),
+    "gap_sync_everys": (_list(_int(1)), "a non-empty list of ints >= 1"),
+    "ablations": (lambda v: isinstance(v, list | tuple) and all(a in _ablations() for a in v),
+                  "a list of names in lordo.diagnosis.ABLATIONS"),
     "downstream_tasks": (lambda v: v is None or isinstance(v, str) and v.strip() != "",
                          "None (no downstream evaluation), 'core' or comma-separated lm-eval task names"),
     "downstream_limit": (lambda v: v is None or _int(1)(v), "None (every document) or an int >= 1"),
