@@ -178,7 +178,7 @@ def disable_ddp_allreduce(ddp_model: torch.nn.parallel.DistributedDataParallel) 
     if getattr(ddp_model, "_lordo_allreduce_disabled", False):
         return
 
-    def keep_local(_state: Any, bucket: dist.GradBucket) -> torch.futures.Future:
+    def keep_local(_state, bucket):   # no annotations: DDP checks them, and `from __future__` makes them strings
         done: torch.futures.Future = torch.futures.Future()
         done.set_result(bucket.buffer())
         return done

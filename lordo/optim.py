@@ -575,9 +575,11 @@ class LoRDO(torch.optim.Optimizer):
 
     def _check_not_averaged(self, grads: list[torch.Tensor]) -> None:
         """Refuse gradients that someone else (DDP, accelerate, transformers.Trainer) already averaged:
-        they are equal on every worker, so there would be no local steps. One 16-byte collective."""
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double())
-        moments = torch.stack([norm, norm * norm])
+        they are equal on every worker, so there would be no local steps. One 16-byte collective.
+        The fingerprint is signed (not a norm, which clipping makes equal)."""
+        sums = torch.stack([g.sum(dtype=torch.float64) for g in grads])
+        fingerprint = torch.dot(sums, torch.arange(1, len(grads) + 1, dtype=torch.float64, device=sums.device))
+        moments = torch.stack([fingerprint, fingerprint * fingerprint])
         self._collective([moments], "gradient_check", torch.float64, broadcast=False)
         mean, mean_sq = moments.tolist()
         if mean_sq > 0 and mean_sq - mean * mean <= 1e-12 * mean_sq:
