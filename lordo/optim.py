@@ -341,12 +341,14 @@ class LoRDO(torch.optim.Optimizer):
             for name, p in self._model.named_parameters():
                 model_names.setdefault(id(p), name)
         self.names: list[str] = []
+        named: list[tuple[str, torch.Tensor]] = []     # the parameters whose names are known
         for gi, g in enumerate(self.param_groups):
             given = g.get("param_names")
-            self.names += [given[j] if given else model_names.get(id(p), f"group{gi}.param{j}")
-                           for j, p in enumerate(g["params"])]
-        named = [(n, p) for n, p in zip(self.names, self.params) if self._model is not None or id(p) in model_names
-                 or not n.startswith("group")]
+            for j, p in enumerate(g["params"]):
+                name = given[j] if given else model_names.get(id(p))
+                self.names.append(name or f"group{gi}.param{j}")
+                if name:
+                    named.append((name, p))
         reasons = full_rank_reasons(named, self._model)
         galore = any(self._explicit_rank)
         self._lowrank: list[bool] = []
