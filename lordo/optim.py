@@ -5,6 +5,7 @@
         model(x, y)[1].backward()
         opt.step()          # local step; every `sync_every` steps also the synchronization
         opt.zero_grad()
+    opt.finish()            # end on the averaged model
 
 One worker's view: with `comm=None` it is an ordinary single-process optimizer (M = 1); with a
 communicator (`lordo.comm`) it talks to the other M - 1 workers itself, so no DDP wrapper is
@@ -241,7 +242,9 @@ class _StateView(MutableMapping):
 
     def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
         opt = self._opt
-        if p in opt._adamw_state or not opt._initialized:
+        if not opt._initialized:            # no state yet (torch's optimizers: an empty dict)
+            return {}
+        if p in opt._adamw_state:           # only AdamW parameters are kept here: the step's fast path
             return opt._adamw_state[p]
         i = next((i for i, q in enumerate(opt.params) if q is p), None)
         if i is None:
@@ -264,10 +267,10 @@ class _StateView(MutableMapping):
         del self._opt._adamw_state[p]
 
     def __iter__(self):
-        return iter(self._opt.params if self._opt._initialized else self._opt._adamw_state)
+        return iter(self._opt.params if self._opt._initialized else ())
 
     def __len__(self) -> int:
-        return len(self._opt.params) if self._opt._initialized else len(self._opt._adamw_state)
+        return len(self._opt.params) if self._opt._initialized else 0
 
 
 class LoRDO(torch.optim.Optimizer):

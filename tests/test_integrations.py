@@ -132,6 +132,8 @@ def test_parameters_without_gradient_are_untouched(method):
 def test_optimizer_protocol():
     model = llama()
     opt = make_optimizer("lordo", model, rank=4)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert len(opt.state) == 0 and opt.state[q] == {}        # no state before the first step, as in torch
     calls = []
     opt.register_state_dict_pre_hook(lambda o: calls.append("save_pre"))
     opt.register_state_dict_post_hook(lambda o, sd: calls.append("save_post"))
@@ -145,7 +147,6 @@ def test_optimizer_protocol():
     assert calls == ["save_pre", "save_post", "load_pre", "load_post"]
     params = list(model.parameters())
     assert len(opt.state) == len(params) and all(len(opt.state[p]) > 0 for p in params)
-    q = model.model.layers[0].self_attn.q_proj.weight
     assert opt.state[q]["exp_avg"].shape == (4, 32) and opt.state[q]["Q"].shape == (32, 4)
     with pytest.raises(RuntimeError, match="add_param_group after the optimizer's state exists"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
