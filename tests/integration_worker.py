@@ -4,11 +4,12 @@
 
 1. a hand-written loop with a DistributedDataParallel model passed to make_optimizer (DDP's
    all-reduce turned off), 2. a model wrapped in DDP after the optimizer was built (refused),
-3. transformers.Trainer with LoRDOTrainer. Saves OUT_DIR/rank{r}.pt: each rank's parameters
-after every step, lordo's byte counts, and the refusal's message.
+3. transformers.Trainer with LoRDOTrainer, 4. a local method built without a communicator (warned).
+Saves OUT_DIR/rank{r}.pt: each rank's parameters after every step, lordo's byte counts, the messages.
 """
 
 import sys
+import warnings
 
 import torch
 import transformers
@@ -46,6 +47,14 @@ def ddp_loop(comm) -> dict:
         history.append(flat(model.module))
     opt.finish()
     return {"history": history, "final": flat(model.module), "comm": opt.comm_stats()}
+
+
+def no_communicator_warning() -> str:
+    """A local method built without a communicator under torchrun would never synchronize: warned."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_optimizer("lordo", tiny_gpt2(0))
+    return " ".join(str(w.message) for w in caught)
 
 
 def ddp_refused(comm) -> str:
@@ -87,6 +96,7 @@ def trainer_run(rank: int, out: str) -> dict:
 if __name__ == "__main__":
     comm, _ = init_distributed()
     out = sys.argv[1]
-    result = {"ddp_loop": ddp_loop(comm), "ddp_refused": ddp_refused(comm), "trainer": trainer_run(comm.rank, out)}
+    result = {"ddp_loop": ddp_loop(comm), "ddp_refused": ddp_refused(comm), "trainer": trainer_run(comm.rank, out),
+              "no_comm": no_communicator_warning()}
     torch.save(result, f"{out}/rank{comm.rank}.pt")
     torch.distributed.destroy_process_group()

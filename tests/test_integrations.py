@@ -185,14 +185,23 @@ def test_state_dict_round_trip_keeps_the_initial_broadcast():
 
 
 def test_trainer_single_process(tmp_path):
-    model = gpt2()
+    """Trains, logs lordo's bytes, and resumes from a checkpoint to the same model."""
     data = [{"input_ids": x, "labels": x} for x in torch.randint(0, 96, (16, 16), generator=torch.Generator()
                                                                   .manual_seed(0))]
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
-                                          learning_rate=1e-2, use_cpu=True, report_to="none", save_strategy="no",
+                                          learning_rate=1e-2, use_cpu=True, report_to="none", save_steps=4,
                                           logging_steps=1, disable_tqdm=True)
-    trainer = LoRDOTrainer(model=model, args=args, train_dataset=data, lordo_hparams=dict(rank=4, sync_every=4))
-    trainer.train()
+
+    def run(resume=None):
+        model = gpt2()
+        t = LoRDOTrainer(model=model, args=args, train_dataset=data, lordo_hparams=dict(rank=4, sync_every=4))
+        t.train(resume_from_checkpoint=resume)
+        return t, model
+
+    trainer, model = run()
+    resumed, resumed_model = run(resume=str(tmp_path / "checkpoint-4"))
+    assert resumed.lordo.steps == 8
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed_model.state_dict().values()))
     opt = trainer.lordo
     assert isinstance(opt, LoRDO) and opt.comm is None and opt.steps == 8
     assert set(opt.lowrank_names) == block_matrices(model)
@@ -205,7 +214,8 @@ def test_trainer_single_process(tmp_path):
 def test_under_torchrun_ddp_and_trainer_take_local_steps(tmp_path):
     """2 gloo processes: ranks differ between synchronizations and are equal after (sync_every=3,
     5 steps: equal after step 3 and after finish()); lordo counts its bytes; a model wrapped in
-    DDP behind the optimizer's back is refused with a message that says what to do."""
+    DDP behind the optimizer's back is refused with a message that says what to do, and a local method
+    built without a communicator is warned about."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
            str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
@@ -226,3 +236,4 @@ def test_under_torchrun_ddp_and_trainer_take_local_steps(tmp_path):
     for r in ranks:
         assert r["ddp_refused"].startswith("lordo: the first gradients are identical on all 2 workers")
         assert "lordo.integrations.LoRDOTrainer" in r["ddp_refused"] and "\n" not in r["ddp_refused"]
+        assert "torch.distributed runs 2 processes but this 'lordo' optimizer has no communicator" in r["no_comm"]
