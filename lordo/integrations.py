@@ -9,8 +9,9 @@
 Under torchrun, Trainer (through accelerate) wraps the model in DistributedDataParallel, which would
 average every gradient and leave LoRDO no local steps. LoRDOTrainer builds the optimizer with a
 communicator on the process group, turns DDP's gradient all-reduce off
-(`lordo.comm.disable_ddp_allreduce`) and DDP's per-step buffer broadcast, and ends training on the
-averaged model (`LoRDO.finish`). transformers is imported here only: the optimizer does not need it.
+(`lordo.comm.disable_ddp_allreduce`) and, unless `ddp_broadcast_buffers` is set, DDP's per-step buffer
+broadcast, and ends training on the averaged model (`LoRDO.finish`). transformers is imported here only:
+the optimizer does not need it.
 """
 
 from __future__ import annotations
@@ -50,10 +51,13 @@ class LoRDOTrainer(transformers.Trainer):
 
     def __init__(self, *args: Any, lordo_method: str = "lordo", lordo_hparams: dict[str, Any] | None = None,
                  **kwargs: Any):
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None and training_args.ddp_broadcast_buffers is None:
+            # DDP would broadcast buffers every forward, bytes lordo does not see; the model's buffers are its own
+            training_args.ddp_broadcast_buffers = False
         super().__init__(*args, **kwargs)
         self.lordo_method = lordo_method
         self.lordo_hparams = dict(lordo_hparams or {})
-        self.args.ddp_broadcast_buffers = False     # buffers are the model's own; lordo counts every byte it sends
         self.add_callback(_Finish(self))
 
     @property

@@ -90,7 +90,8 @@ def trainer_run(rank: int, out: str) -> dict:
     trainer.train()
     logged = [e["lordo_payload_bytes"] for e in trainer.state.log_history if "lordo_payload_bytes" in e]
     return {"history": record.history, "final": flat(model), "comm": trainer.lordo.comm_stats(), "logged": logged,
-            "wrapped": type(trainer.model_wrapped).__name__}
+            "wrapped": type(trainer.model_wrapped).__name__,
+            "broadcast_buffers": trainer.model_wrapped.broadcast_buffers}
 
 
 if __name__ == "__main__":

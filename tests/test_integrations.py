@@ -230,7 +230,7 @@ def test_under_torchrun_ddp_and_trainer_take_local_steps(tmp_path):
         assert torch.equal(a["final"], b["final"]), run
         kinds = a["comm"]["by_kind"]
         assert kinds["sync"]["collectives"] == 2 and kinds["sync"]["payload_bytes"] == 2 * a["final"].numel() * 4
-    assert ranks[0]["trainer"]["wrapped"] == "DistributedDataParallel"
+    assert ranks[0]["trainer"]["wrapped"] == "DistributedDataParallel" and not ranks[0]["trainer"]["broadcast_buffers"]
     logged, sync_bytes = ranks[0]["trainer"]["logged"], ranks[0]["trainer"]["final"].numel() * 4
     assert logged[2] - logged[1] == sync_bytes       # the step-3 synchronization, in Trainer's logs
     for r in ranks:
