@@ -23,7 +23,7 @@ import transformers
 from torch import nn
 
 from lordo.comm import DistComm, disable_ddp_allreduce
-from lordo.optim import LoRDO, make_optimizer, split_params
+from lordo.optim import LoRDO, split_params
 
 
 def distributed_comm() -> DistComm | None:
@@ -81,8 +81,8 @@ class LoRDOTrainer(transformers.Trainer):
                                            weight_decay=self.args.weight_decay if decayed else 0.0))
             args = self.args
             hp = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
-            self.optimizer = make_optimizer(self.lordo_method, groups, comm=distributed_comm(),
-                                            **(hp | self.lordo_hparams))
+            self.optimizer = LoRDO(groups, self.lordo_method, distributed_comm(), model=model,
+                                   **(hp | self.lordo_hparams))
         return self.optimizer
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:

@@ -287,7 +287,9 @@ class LoRDO(torch.optim.Optimizer):
     is global. Parameters without a gradient (`grad=None`, frozen ones) are left untouched, as by
     torch's optimizers. Accounting: `comm_stats()`, `memory_stats()`, `projection_seconds`;
     subspace diagnostics with `diagnostics=True`: `pop_diagnostics()`. `lowrank_names`: the
-    low-rank matrices. `finish()` ends a distributed run on the averaged model.
+    low-rank matrices. `finish()` ends a distributed run on the averaged model. `model`: the module
+    the parameters belong to, for the rule and, distributed, to broadcast rank 0's parameters before
+    its first forward (without it: at the first step, after the first gradients).
 
     Distributed, the first step checks that the workers' gradients differ: equal ones mean that
     something (DDP) already averaged them, which is refused. Set `refuse_averaged_gradients = False`
@@ -331,6 +333,8 @@ class LoRDO(torch.optim.Optimizer):
         self._diagnostics: list[dict[str, Any]] = []
         self._sync_grads: list[torch.Tensor] | None = None   # proj_source="gradient": the sync step's gradients
         self._aligned = False      # every worker holds rank 0's parameters (the initial broadcast is done)
+        if model is not None and self.world_size > 1:
+            self._align_before_first_forward(model)
 
     # ------------------------------------------------------------------ layout
     def _layout(self) -> None:
@@ -426,15 +430,25 @@ class LoRDO(torch.optim.Optimizer):
         self._initialized = True
 
     def _align(self) -> None:
-        """Like DDP, every worker starts from rank 0's parameters (one broadcast, counted). Not after
+        """Like DDP, every worker starts from rank 0's parameters (one broadcast, counted): before the
+        model's first forward when the optimizer knows the model, else at the first step. Not after
         loading a checkpoint of a started run, whose workers may legitimately differ; a state_dict
         round trip before the first step (as accelerate does) does not skip it."""
         if self.world_size > 1:
             self._collective([p.data for p in self.params], "initial_broadcast", self.params[0].dtype,
                              broadcast=True)
-            if self.method.local:
+            if self.method.local and self._initialized:
                 torch._foreach_copy_(self._anchor, self.params)
         self._aligned = True
+
+    def _align_before_first_forward(self, model: nn.Module) -> None:
+        """So that the first gradients are computed at rank 0's parameters too, as under DDP."""
+        def align(*_: Any) -> None:
+            handle.remove()
+            if not self._aligned:
+                with torch.no_grad():
+                    self._align()
+        handle = model.register_forward_pre_hook(align)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Works until the first step (or state_dict); after it, refused: the state of same-shape
@@ -948,5 +962,6 @@ def make_optimizer(method: str, model_or_param_groups: nn.Module | Iterable[Any]
         if comm is not None:
             disable_ddp_allreduce(model)
         model = model.module
-    params = split_params(model) if isinstance(model, nn.Module) else model
-    return LoRDO(params, method, comm, **hparams)
+    if isinstance(model, nn.Module):
+        return LoRDO(split_params(model), method, comm, model=model, **hparams)
+    return LoRDO(model, method, comm, **hparams)

@@ -3,8 +3,9 @@
     torchrun --standalone --nproc-per-node 2 tests/integration_worker.py OUT_DIR
 
 1. a hand-written loop with a DistributedDataParallel model passed to make_optimizer (DDP's
-   all-reduce turned off), 2. a model wrapped in DDP after the optimizer was built (refused),
-3. transformers.Trainer with LoRDOTrainer, 4. a local method built without a communicator (warned).
+   all-reduce turned off), and the same loop without DDP, 2. a model wrapped in DDP after the
+   optimizer was built (refused), 3. transformers.Trainer with LoRDOTrainer, 4. a local method
+   built without a communicator (warned).
 Saves OUT_DIR/rank{r}.pt: each rank's parameters after every step, lordo's byte counts, the messages.
 """
 
@@ -19,7 +20,8 @@ from lordo import init_distributed, make_optimizer
 from lordo.integrations import LoRDOTrainer
 
 SYNC_EVERY, STEPS = 3, 5     # 5 is not a multiple of 3: the run ends with finish()
-CONFIG = dict(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+CONFIG = dict(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)   # no dropout: runs compare bit for bit
 
 
 def tiny_gpt2(seed: int) -> transformers.GPT2LMHeadModel:
@@ -35,8 +37,9 @@ def tokens(rank: int, step: int, n: int = 4) -> torch.Tensor:
     return torch.randint(0, CONFIG["vocab_size"], (n, 16), generator=torch.Generator().manual_seed(100 * rank + step))
 
 
-def ddp_loop(comm) -> dict:
-    model = DistributedDataParallel(tiny_gpt2(comm.rank))
+def ddp_loop(comm, wrap: bool = True) -> dict:
+    model = tiny_gpt2(comm.rank)
+    model = DistributedDataParallel(model) if wrap else model
     opt = make_optimizer("lordo", model, comm=comm, lr=1e-2, rank=4, sync_every=SYNC_EVERY)
     history = []
     for step in range(STEPS):
@@ -44,9 +47,9 @@ def ddp_loop(comm) -> dict:
         model(input_ids=x, labels=x).loss.backward()
         opt.step()
         opt.zero_grad()
-        history.append(flat(model.module))
+        history.append(flat(getattr(model, "module", model)))
     opt.finish()
-    return {"history": history, "final": flat(model.module), "comm": opt.comm_stats()}
+    return {"history": history, "final": flat(getattr(model, "module", model)), "comm": opt.comm_stats()}
 
 
 def no_communicator_warning() -> str:
@@ -97,7 +100,7 @@ def trainer_run(rank: int, out: str) -> dict:
 if __name__ == "__main__":
     comm, _ = init_distributed()
     out = sys.argv[1]
-    result = {"ddp_loop": ddp_loop(comm), "ddp_refused": ddp_refused(comm), "trainer": trainer_run(comm.rank, out),
-              "no_comm": no_communicator_warning()}
+    result = {"ddp_loop": ddp_loop(comm), "plain_loop": ddp_loop(comm, wrap=False), "ddp_refused": ddp_refused(comm),
+              "trainer": trainer_run(comm.rank, out), "no_comm": no_communicator_warning()}
     torch.save(result, f"{out}/rank{comm.rank}.pt")
     torch.distributed.destroy_process_group()

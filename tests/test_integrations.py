@@ -230,6 +230,8 @@ def test_under_torchrun_ddp_and_trainer_take_local_steps(tmp_path):
         assert torch.equal(a["final"], b["final"]), run
         kinds = a["comm"]["by_kind"]
         assert kinds["sync"]["collectives"] == 2 and kinds["sync"]["payload_bytes"] == 2 * a["final"].numel() * 4
+    for r in ranks:     # DDP with its all-reduce off changes nothing: each worker's own gradients, unscaled
+        assert all(torch.equal(a, b) for a, b in zip(r["ddp_loop"]["history"], r["plain_loop"]["history"]))
     assert ranks[0]["trainer"]["wrapped"] == "DistributedDataParallel" and not ranks[0]["trainer"]["broadcast_buffers"]
     logged, sync_bytes = ranks[0]["trainer"]["logged"], ranks[0]["trainer"]["final"].numel() * 4
     assert logged[2] - logged[1] == sync_bytes       # the step-3 synchronization, in Trainer's logs
