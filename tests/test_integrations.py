@@ -160,8 +160,10 @@ def test_optimizer_protocol():
         other.load_state_dict(saved)
 
 
-def test_state_dict_round_trip_keeps_the_initial_broadcast():
-    """accelerate saves and loads the fresh optimizer's state: workers must still start from rank 0's model."""
+@pytest.mark.parametrize("given", ["module", "named_parameters"])
+def test_state_dict_round_trip_keeps_the_initial_broadcast(given):
+    """accelerate saves and loads the fresh optimizer's state: workers must still start from rank 0's model
+    (broadcast before the first forward when the optimizer knows the module, else at the first step)."""
     models = [llama(), llama()]
     with torch.no_grad():
         for p in models[1].parameters():
@@ -169,7 +171,7 @@ def test_state_dict_round_trip_keeps_the_initial_broadcast():
 
     def worker(comm):
         model = models[comm.rank]
-        opt = make_optimizer("lordo", model, comm=comm, rank=4)
+        opt = make_optimizer("lordo", model if given == "module" else model.named_parameters(), comm=comm, rank=4)
         buf = io.BytesIO()
         torch.save(opt.state_dict(), buf)
         buf.seek(0)
