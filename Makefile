@@ -38,8 +38,9 @@ reproduce: env
 paper: PRESET = paper
 paper: reproduce
 
+# jupyter refuses to run as root without --allow-root (containers, CI machines)
 lab: env
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: env
 	$(BIN)/python benchmarks/optimizer_step.py

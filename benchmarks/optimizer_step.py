@@ -132,7 +132,7 @@ def optimizers(mats: list, rest: list, rank: int, ablations: bool) -> dict:
     common = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     galore_groups = [dict(params=mats, rank=rank, update_proj_gap=GALORE_GAP, scale=1.0, proj_type="std"),
                      dict(params=rest)]
-    lordo = lambda **hp: make_optimizer("lordo", [dict(params=mats), dict(params=rest, lowrank=False)],
+    lordo = lambda **hp: make_optimizer("lordo", [dict(params=mats, lowrank=True), dict(params=rest, lowrank=False)],
                                         rank=rank, lr=1e-3, sync_every=10**9, **hp)   # no sync in the steps
     opts = {
         "AdamW foreach": torch.optim.AdamW(mats + rest, foreach=True, **common),
@@ -208,7 +208,7 @@ def memory_table(mats: list, rest: list, rank: int, measured: dict[str, int]) ->
           f"{mats[0].dtype}; from memory_stats(), before any step)")
     print(f"  {'method':<22}" + "".join(f"{k:>15}" for k in (*MEMORY_KINDS, "total")))
     for method in METHODS:
-        opt = make_optimizer(method, [dict(params=mats), dict(params=rest, lowrank=False)], rank=rank)
+        opt = make_optimizer(method, [dict(params=mats, lowrank=True), dict(params=rest, lowrank=False)], rank=rank)
         mem = opt.memory_stats()
         print(f"  {method:<22}" + "".join(f"{mem[k] / n:15.2f}" for k in (*MEMORY_KINDS, "total")))
     for name, b in measured.items():    # reference optimizers, from their allocated state

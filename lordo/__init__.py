@@ -6,7 +6,6 @@
 """
 
 from lordo.comm import init_distributed, run_simulated
-from lordo.config import TrainConfig, load_config
 from lordo.optim import DEFAULTS, METHODS, LoRDO, make_optimizer, split_params
 
 __all__ = ["DEFAULTS", "METHODS", "LoRDO", "TrainConfig", "init_distributed", "load_config", "make_optimizer",
@@ -14,8 +13,12 @@ __all__ = ["DEFAULTS", "METHODS", "LoRDO", "TrainConfig", "init_distributed", "l
 
 
 def __getattr__(name: str):
-    # The trainer pulls in the data pipeline; import it only when asked for.
+    # The trainer pulls in the data pipeline, the config YAML: import them only when asked for, so that the
+    # optimizer needs nothing but torch.
     if name in ("train", "Run"):
         from lordo import trainer
         return getattr(trainer, name)
+    if name in ("TrainConfig", "load_config"):
+        from lordo import config
+        return getattr(config, name)
     raise AttributeError(f"module 'lordo' has no attribute {name!r}")

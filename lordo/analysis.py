@@ -11,9 +11,11 @@ projection-noise measurements, which are not runs, are cached beside them in run
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +93,11 @@ CHECKS: dict[str, tuple[Any, str]] = {
 
 def check_params(**params: Any) -> dict[str, Any]:
     """Validate a notebook's parameters; return them as a dict. Raises a one-line ValueError naming the first
-    bad one. TRAIN_FIELDS may be None (taken from config_dir's files or the package defaults)."""
+    bad one. TRAIN_FIELDS may be None (taken from config_dir's files or the package defaults). Called from a
+    notebook that papermill ran, a name papermill injected that the notebook does not pass here (a misspelt
+    `-p` name) is an error too: the notebook would otherwise run silently on its default."""
+    for name in sorted(_papermill_names(sys._getframe(1).f_globals) - set(params)):
+        raise ValueError(f"unknown notebook parameter {name!r} (given to papermill): allowed {sorted(params)}")
     for name, value in params.items():
         if name not in CHECKS:
             raise ValueError(f"unknown parameter {name!r}: allowed {sorted(CHECKS)}")
@@ -114,6 +120,16 @@ def check_params(**params: Any) -> dict[str, Any]:
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"the parameters give no valid {method} run on {preset}: {e}") from None
     return params
+
+
+def _papermill_names(namespace: dict[str, Any]) -> set[str]:
+    """The names assigned in papermill's injected cell (its source starts with "# Parameters"), found in the
+    IPython kernel's input history `In`; empty outside a papermill run."""
+    for source in reversed(namespace.get("In") or []):
+        if isinstance(source, str) and source.startswith("# Parameters"):
+            return {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+    return set()
 
 
 def min_side(preset: str) -> int:

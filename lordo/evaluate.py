@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from lordo.files import update_json, write_atomic
-from lordo.model import GPT, ModelConfig
+from lordo.model import GPT, PRESETS, ModelConfig
 
 EOT = "<|endoftext|>"
 
@@ -89,13 +89,17 @@ def export_hf(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "hf"
     model = load_model(run_dir)
     c = model.config
+    # The model's own maximum length, its preset's (rotary positions need no table), not the training
+    # sequence length: a shorter one makes lm-eval truncate documents.
+    preset = json.loads((run_dir / "config.json").read_text()).get("train", {}).get("preset")
+    max_len = max(c.max_seq_len, PRESETS[preset]["max_seq_len"] if preset in PRESETS else 0)
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(run_dir / "tokenizer.json"), bos_token=EOT,
-                                        eos_token=EOT, pad_token=EOT, model_max_length=c.max_seq_len)
+                                        eos_token=EOT, pad_token=EOT, model_max_length=max_len)
     eot = tokenizer.convert_tokens_to_ids(EOT)
     hf_config = LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
         num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps,
+        max_position_embeddings=max_len, rms_norm_eps=c.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, initializer_range=c.init_std,
         tie_word_embeddings=True, attention_bias=False, mlp_bias=False, hidden_act="silu",
         bos_token_id=eot, eos_token_id=eot, pad_token_id=eot, dtype="float32")

@@ -5,6 +5,7 @@
         model(x, y)[1].backward()
         opt.step()          # local step; every `sync_every` steps also the synchronization
         opt.zero_grad()
+    opt.finish()            # end on the averaged model
 
 One worker's view: with `comm=None` it is an ordinary single-process optimizer (M = 1); with a
 communicator (`lordo.comm`) it talks to the other M - 1 workers itself, so no DDP wrapper is
@@ -28,13 +29,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from lordo.comm import disable_ddp_allreduce
 from lordo.projection import (
     PROJ_METHODS,
     basis_similarity,
@@ -121,23 +125,79 @@ def validate_hparams(hp: dict[str, Any]) -> None:
     _check(hp["bucket_mb"] > 0, "bucket_mb", hp["bucket_mb"], "> 0")
 
 
+# A module whose name contains one of these is an embedding; one named like these is an output head.
+EMBEDDING_MARKS = ("emb", "wte", "wpe", "shared")
+HEAD_NAMES = ("lm_head", "score", "classifier", "head", "output", "embed_out", "qa_outputs")
+# galore-torch's group keys: `rank` is honoured (see LoRDO); these have no LoRDO counterpart.
+GALORE_KEYS = {
+    "update_proj_gap": "LoRDO refreshes Q at every synchronization (lowrank_ddp: every proj_every steps); "
+                       "drop the key (or pass proj_every=N to the optimizer)",
+    "scale": "LoRDO has no update scale; drop the key and fold the factor into the group's lr",
+    "proj_type": "LoRDO always projects the smaller side (galore's 'std'); drop the key",
+}
+
+
+def _galore_key_error(key: str, value: Any) -> ValueError:
+    return ValueError(f"galore-torch key {key}={value!r} is not supported: {GALORE_KEYS[key]}")
+
+
+def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]], model: nn.Module | None = None) -> dict[int, str]:
+    """Which 2-D parameters are not low-rank matrices, and why: {id(param): reason}.
+
+    The one rule, from a module (its layers and names) or from parameter names alone:
+    * embeddings: `nn.Embedding` weights, or names whose module contains "emb", "wte", "wpe", "shared";
+    * tied weights: one tensor under two names (e.g. an embedding reused as the output layer);
+    * output heads: a 2-D weight with the vocabulary (the largest embedding's size) as its output
+      dimension, a module named like a head (`lm_head`, `score`, `classifier`, ...), and (given the
+      module) its last `nn.Linear` outside its repeated blocks (`nn.ModuleList`), e.g. a 2 x 64
+      classification head whatever its name.
+    """
+    if model is not None:
+        named = list(model.named_parameters(remove_duplicate=False))
+    else:
+        named = list(named)
+    module_of = lambda name: name.rsplit(".", 1)[0] if "." in name else ""
+    names_of: dict[int, list[str]] = {}
+    for name, p in named:
+        names_of.setdefault(id(p), []).append(name)
+    reasons: dict[int, str] = {}
+    if model is not None:
+        embeddings = {id(m.weight): m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+        in_blocks = {id(p) for m in model.modules() if isinstance(m, nn.ModuleList) for p in m.parameters()}
+        linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in in_blocks]
+        last = linears[-1] if linears else None
+    else:
+        embeddings = {id(p): p.shape[0] for name, p in named if p.ndim == 2
+                      and any(mark in module_of(name).rsplit(".", 1)[-1].lower() for mark in EMBEDDING_MARKS)}
+        last = None
+    vocab = max(embeddings.values(), default=None)
+    for name, p in named:
+        if p.ndim != 2 or id(p) in reasons:
+            continue
+        leaf = module_of(name).rsplit(".", 1)[-1]
+        if id(p) in embeddings:
+            reasons[id(p)] = "embedding"
+        elif len(names_of[id(p)]) > 1:
+            reasons[id(p)] = f"tied: {' = '.join(names_of[id(p)])}"
+        elif p.shape[0] == vocab or leaf in HEAD_NAMES or p is last:
+            reasons[id(p)] = "output head"
+    return reasons
+
+
 def split_params(model: nn.Module) -> list[dict[str, Any]]:
     """Param groups: low-rank matrices (2-D weights of the blocks) and the rest (AdamW).
 
-    The rest: `nn.Embedding` weights and anything tied to them, parameters named `lm_head`,
+    The rest: everything `full_rank_reasons` names (embeddings, tied weights, output heads),
     norms and biases (anything not 2-D). Frozen parameters are left out.
     """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    excluded = full_rank_reasons((), model)
     matrices: dict[str, nn.Parameter] = {}
     rest: dict[str, nn.Parameter] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_head = "lm_head" in name.split(".")
-        (matrices if p.ndim == 2 and id(p) not in embeddings and not is_head else rest)[name] = p
-    groups = [dict(params=list(ps.values()), param_names=list(ps), lowrank=lowrank)
-              for ps, lowrank in ((matrices, True), (rest, False)) if ps]
-    return groups
+        if p.requires_grad:
+            (matrices if p.ndim == 2 and id(p) not in excluded else rest)[name] = p
+    return [dict(params=list(ps.values()), param_names=list(ps), lowrank=lowrank)
+            for ps, lowrank in ((matrices, True), (rest, False)) if ps]
 
 
 def resolve_rank(rank: int | float, shape: tuple[int, ...], name: str) -> int:
@@ -174,19 +234,78 @@ def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t.mT if transposed else t
 
 
+class _StateView(MutableMapping):
+    """`LoRDO.state`: parameter -> its state, AdamW's own dicts and views into the stacked buckets."""
+
+    def __init__(self, opt: LoRDO):
+        self._opt = opt
+
+    def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
+        opt = self._opt
+        if not opt._initialized:            # no state yet (torch's optimizers: an empty dict)
+            return {}
+        if p in opt._adamw_state:           # only AdamW parameters are kept here: the step's fast path
+            return opt._adamw_state[p]
+        i = next((i for i, q in enumerate(opt.params) if q is p), None)
+        if i is None:
+            raise KeyError(p)
+        out: dict[str, Any] = {}
+        for b in opt.buckets:
+            if i in b.indices:
+                j = b.indices.index(i)
+                out |= {"step": b.step, "exp_avg": b.exp_avg[j], "exp_avg_sq": b.exp_avg_sq[j]}
+                out |= {"Q": b.Q[j]} if b.Q is not None else {}
+                out |= {"error_feedback_accum": b.ef[j]} if b.ef is not None else {}
+        if opt.method.local:
+            out["anchor"] = opt._anchor[i]
+        return out
+
+    def __setitem__(self, p: torch.Tensor, value: dict[str, Any]) -> None:
+        self._opt._adamw_state[p] = value
+
+    def __delitem__(self, p: torch.Tensor) -> None:
+        del self._opt._adamw_state[p]
+
+    def __iter__(self):
+        return iter(self._opt.params if self._opt._initialized else ())
+
+    def __len__(self) -> int:
+        return len(self._opt.params) if self._opt._initialized else 0
+
+
 class LoRDO(torch.optim.Optimizer):
     """One worker's optimizer for any method in `METHODS` (see the module docstring).
 
-    Per-group hyper-parameters: lr, betas, eps, weight_decay, rank, omega and `lowrank` (bool:
-    whether the group's 2-D parameters are low-rank matrices; default: all 2-D parameters are).
-    Everything else in `DEFAULTS` is global. Accounting: `comm_stats()`, `memory_stats()`,
-    `projection_seconds`; subspace diagnostics with `diagnostics=True`: `pop_diagnostics()`.
+    `params`: parameters, `model.named_parameters()`, or param groups (with or without
+    `param_names`). Per-group hyper-parameters: lr, betas, eps, weight_decay, rank, omega and
+    `lowrank`. Which 2-D parameters are low-rank matrices, first rule that applies:
+    1. a group's `lowrank` (True/False);
+    2. galore-torch style: if some group gives `rank`, the groups that give it (and no others);
+    3. `full_rank_reasons`, from `model` if given, else from the parameters' names; parameters
+       without names (and no `model`) are low-rank if 2-D, with one warning listing them.
+    galore's other group keys are refused (`GALORE_KEYS` says why). Everything else in `DEFAULTS`
+    is global. Parameters without a gradient (`grad=None`, frozen ones) are left untouched, as by
+    torch's optimizers. Accounting: `comm_stats()`, `memory_stats()`, `projection_seconds`;
+    subspace diagnostics with `diagnostics=True`: `pop_diagnostics()`. `lowrank_names`: the
+    low-rank matrices. `finish()` ends a distributed run on the averaged model. `model`: the module
+    the parameters belong to, for the rule and, distributed, to broadcast rank 0's parameters before
+    its first forward (without it: at the first step, after the first gradients).
+
+    Distributed, the first step checks that the workers' gradients differ: equal ones mean that
+    something (DDP) already averaged them, which is refused. Set `refuse_averaged_gradients = False`
+    on the optimizer for runs that feed every worker the same data on purpose.
     """
 
-    def __init__(self, params: Iterable[Any], method: str = "lordo", comm: Any = None, **hparams: Any):
+    refuse_averaged_gradients = True
+
+    def __init__(self, params: Iterable[Any], method: str = "lordo", comm: Any = None, *,
+                 model: nn.Module | None = None, **hparams: Any):
         if method not in METHODS:
             raise ValueError(f"method={method!r} is unknown: allowed {sorted(METHODS)}")
         self.method = METHODS[method]
+        for key in GALORE_KEYS:
+            if key in hparams:
+                raise _galore_key_error(key, hparams[key])
         hp = {**DEFAULTS, **hparams}
         validate_hparams(hp)
         if hp["omega"] is None:
@@ -195,14 +314,16 @@ class LoRDO(torch.optim.Optimizer):
         self.hparams = hp
         self.comm = comm
         self.world_size = comm.world_size if comm is not None else 1
+        self._model = model
+        self._explicit_rank: list[bool] = []       # per group: whether it gave `rank` itself (galore style)
+        self._initialized = False
         super().__init__(params, {k: hp[k] for k in GROUP_KEYS} | {"lowrank": None})
-        for g in self.param_groups:
-            validate_hparams(hp | {k: g[k] for k in GROUP_KEYS})
-        self.params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
-        self.names: list[str] = [n for gi, g in enumerate(self.param_groups)
-                                 for n in g.get("param_names") or [f"group{gi}.param{i}" for i in
-                                                                  range(len(g["params"]))]]
-        self._plan()
+        self._layout()
+        if self.method.local and comm is None and dist.is_available() and dist.is_initialized() \
+                and dist.get_world_size() > 1:
+            warnings.warn(f"lordo: torch.distributed runs {dist.get_world_size()} processes but this {method!r} "
+                          "optimizer has no communicator, so it never synchronizes (under DDP it steps on averaged "
+                          "gradients: no local steps); pass comm=lordo.comm.DistComm()", stacklevel=2)
         self.steps = 0             # optimizer steps taken (skipped ones included)
         self.skipped_steps = 0     # steps skipped for a non-finite gradient (nonfinite="skip")
         self.refreshes = 0         # projection computations (each seeds its randomized sketch)
@@ -211,9 +332,54 @@ class LoRDO(torch.optim.Optimizer):
         self._comm_log: dict[str, list[int]] = {}   # kind -> [collectives, payload bytes]
         self._diagnostics: list[dict[str, Any]] = []
         self._sync_grads: list[torch.Tensor] | None = None   # proj_source="gradient": the sync step's gradients
-        self._initialized = False
+        self._aligned = False      # every worker holds rank 0's parameters (the initial broadcast is done)
+        if model is not None and self.world_size > 1:
+            self._align_before_first_forward(model)
 
     # ------------------------------------------------------------------ layout
+    def _layout(self) -> None:
+        """Names, which 2-D parameters are low-rank (see the class docstring), and the buckets."""
+        hp = self.hparams
+        for g in self.param_groups:
+            validate_hparams(hp | {k: g[k] for k in GROUP_KEYS})
+        self.params: list[torch.Tensor] = [p for g in self.param_groups for p in g["params"]]
+        model_names = {}
+        if self._model is not None:
+            for name, p in self._model.named_parameters():
+                model_names.setdefault(id(p), name)
+        self.names: list[str] = []
+        named: list[tuple[str, torch.Tensor]] = []     # the parameters whose names are known
+        for gi, g in enumerate(self.param_groups):
+            given = g.get("param_names")
+            for j, p in enumerate(g["params"]):
+                name = given[j] if given else model_names.get(id(p))
+                self.names.append(name or f"group{gi}.param{j}")
+                if name:
+                    named.append((name, p))
+        reasons = full_rank_reasons(named, self._model)
+        galore = any(self._explicit_rank)
+        self._lowrank: list[bool] = []
+        unnamed: list[str] = []
+        i = 0
+        for gi, g in enumerate(self.param_groups):
+            for p in g["params"]:
+                if g["lowrank"] is not None:
+                    low = g["lowrank"]
+                elif galore:
+                    low = self._explicit_rank[gi]
+                else:
+                    low = id(p) not in reasons
+                    if low and p.ndim == 2 and self._model is None and not g.get("param_names"):
+                        unnamed.append(f"{self.names[i]} {tuple(p.shape)}")
+                self._lowrank.append(bool(low) and self.method.lowrank and p.ndim == 2)
+                i += 1
+        if unnamed and self.method.lowrank:
+            warnings.warn("lordo: parameters were passed without names, so only their shape decided; low-rank: "
+                          f"{', '.join(unnamed)}. Pass model.named_parameters(), groups with 'param_names', or "
+                          "model=... to keep embeddings and output heads full-rank", stacklevel=3)
+        self.lowrank_names = [n for n, low in zip(self.names, self._lowrank) if low]
+        self._plan()
+
     def _plan(self) -> None:
         """Sort parameters into AdamW ones and buckets of same-shape low-rank matrices."""
         self.full: list[int] = []
@@ -221,9 +387,8 @@ class LoRDO(torch.optim.Optimizer):
         by_key: dict[tuple, _Bucket] = {}
         i = 0
         for gi, g in enumerate(self.param_groups):
-            lowrank = g["lowrank"] if g["lowrank"] is not None else True
             for p in g["params"]:
-                if self.method.lowrank and lowrank and p.ndim == 2:
+                if self._lowrank[i]:
                     transposed = p.shape[0] > p.shape[1]
                     shape = (min(p.shape), max(p.shape))
                     rank = resolve_rank(g["rank"], tuple(p.shape), self.names[i])
@@ -240,15 +405,8 @@ class LoRDO(torch.optim.Optimizer):
         self._full_by_group = [(g, [i for i in self.full if group_of[i] is g]) for g in self.param_groups]
         self._full_by_group = [(g, idx) for g, idx in self._full_by_group if idx]
 
-    def _init_state(self, broadcast: bool = True) -> None:
-        """Allocate state on the parameters' devices (lazily, like torch's optimizers).
-
-        Like DDP, every worker starts from rank 0's parameters (one broadcast, counted); not when
-        loading a checkpoint, whose workers may legitimately differ between synchronizations.
-        """
-        if broadcast and self.world_size > 1:
-            self._collective([p.data for p in self.params], "initial_broadcast", self.params[0].dtype,
-                             broadcast=True)
+    def _init_state(self) -> None:
+        """Allocate state on the parameters' devices (lazily, like torch's optimizers)."""
         ef = self.hparams["error_feedback"]
         for i in self.full:
             p = self.params[i]
@@ -271,11 +429,53 @@ class LoRDO(torch.optim.Optimizer):
         self._adam_step_t = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         self._initialized = True
 
+    def _align(self) -> None:
+        """Like DDP, every worker starts from rank 0's parameters (one broadcast, counted): before the
+        model's first forward when the optimizer knows the model, else at the first step. Not after
+        loading a checkpoint of a started run, whose workers may legitimately differ; a state_dict
+        round trip before the first step (as accelerate does) does not skip it."""
+        if self.world_size > 1:
+            self._collective([p.data for p in self.params], "initial_broadcast", self.params[0].dtype,
+                             broadcast=True)
+            if self.method.local and self._initialized:
+                torch._foreach_copy_(self._anchor, self.params)
+        self._aligned = True
+
+    def _align_before_first_forward(self, model: nn.Module) -> None:
+        """So that the first gradients are computed at rank 0's parameters too, as under DDP."""
+        def align(*_: Any) -> None:
+            handle.remove()
+            if not self._aligned:
+                with torch.no_grad():
+                    self._align()
+        handle = model.register_forward_pre_hook(align)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if hasattr(self, "buckets"):
-            raise RuntimeError("LoRDO lays out its state at construction: build a new optimizer with every "
-                               "param group instead of calling add_param_group")
+        """Works until the first step (or state_dict); after it, refused: the state of same-shape
+        matrices is stacked and every worker keeps anchors, which new parameters cannot join
+        consistently mid-run. Build a new optimizer with every group instead."""
+        if self._initialized:
+            raise RuntimeError("add_param_group after the optimizer's state exists (first step or state_dict) is "
+                               "not supported: same-shape matrices share stacked state; add every group before "
+                               "the first step or build a new optimizer")
+        for key in GALORE_KEYS:
+            if key in param_group and not (key == "proj_type" and param_group[key] == "std"):
+                raise _galore_key_error(key, param_group[key])
+        param_group = {k: v for k, v in param_group.items() if k != "proj_type"}
+        self._explicit_rank.append("rank" in param_group)
         super().add_param_group(param_group)
+        if hasattr(self, "params"):    # after construction: lay everything out again
+            self._layout()
+
+    @property
+    def state(self) -> _StateView:
+        """Every parameter's state, as torch's optimizers expose it: AdamW's dicts, and for a
+        low-rank matrix views into its bucket (exp_avg, exp_avg_sq, Q, error_feedback_accum)."""
+        return _StateView(self)
+
+    @state.setter
+    def state(self, value: dict) -> None:
+        self._adamw_state = value
 
     # ------------------------------------------------------------------ communication
     def _all_reduce_mean(self, tensors: list[torch.Tensor], kind: str) -> None:
@@ -320,8 +520,10 @@ class LoRDO(torch.optim.Optimizer):
         }
 
     def sync_payload_bytes(self) -> int:
-        """Payload of one regular collective: a gradient all-reduce, or one parameter average."""
-        return sum(p.numel() for p in self.params) * COMM_DTYPES[self.hparams["comm_dtype"]].itemsize
+        """Payload of one regular collective: a gradient all-reduce (with a has-gradient flag per tensor),
+        or one parameter average."""
+        flags = 0 if self.method.local else len(self.params)
+        return (sum(p.numel() for p in self.params) + flags) * COMM_DTYPES[self.hparams["comm_dtype"]].itemsize
 
     def memory_stats(self) -> dict[str, int]:
         """Bytes of optimizer state on this worker, by kind (from shapes: valid before the first step)."""
@@ -350,16 +552,31 @@ class LoRDO(torch.optim.Optimizer):
                 loss = closure()
         if not self._initialized:
             self._init_state()
+        if not self._aligned:
+            self._align()
         self.synced = False
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        # A parameter without a gradient is untouched (torch.optim's rule): it steps with zeros where the
+        # state is stacked and is restored afterwards. Every-step methods share who has one (as DDP does).
+        present = [p.grad is not None for p in self.params]
+        grads = [p.grad if has else torch.zeros_like(p) for p, has in zip(self.params, present)]
+        if self.world_size > 1 and self.steps == 0 and self.refuse_averaged_gradients:
+            self._check_not_averaged(grads)
         if not self.method.local:
-            self._all_reduce_mean(grads, "gradients")
+            flags = torch.tensor(present, dtype=torch.float32, device=self.params[0].device)
+            self._all_reduce_mean(grads + [flags], "gradients")
+            present = (flags > 0).tolist()
         finite = self._finite_and_clipped(grads)
         self._refresh_before_step(grads, finite)
         if finite:
-            self._adamw_step(grads)
+            self._adamw_step(grads, present)
             for b in self.buckets:
+                missing = [j for j, i in enumerate(b.indices) if not present[i]]
+                if len(missing) == len(b.indices):
+                    continue
+                kept = [t.clone() for t in self._bucket_rows(b, missing)]
                 self._lowrank_step(b, [grads[i] for i in b.indices])
+                if missing:
+                    torch._foreach_copy_(self._bucket_rows(b, missing), kept)
         self.steps += 1
         if self.method.local and self.steps % self.hparams["sync_every"] == 0:
             if self.buckets and self.hparams["proj_source"] == "gradient":
@@ -367,6 +584,30 @@ class LoRDO(torch.optim.Optimizer):
                 self._sync_grads = grads if finite else [torch.zeros_like(g) for g in grads]
             self.sync()
         return loss
+
+    def _bucket_rows(self, b: _Bucket, rows: list[int]) -> list[torch.Tensor]:
+        """The weights and state of some matrices of a bucket (views; clone to keep them)."""
+        out = []
+        for j in rows:
+            out += [self.params[b.indices[j]], b.exp_avg[j], b.exp_avg_sq[j]] + ([b.ef[j]] if b.ef is not None else [])
+        return out
+
+    def _check_not_averaged(self, grads: list[torch.Tensor]) -> None:
+        """Refuse gradients that someone else (DDP, accelerate, transformers.Trainer) already averaged:
+        they are equal on every worker, so there would be no local steps. One 16-byte collective.
+        The fingerprint is signed (not a norm, which clipping makes equal)."""
+        sums = torch.stack([g.sum(dtype=torch.float64) for g in grads])
+        fingerprint = torch.dot(sums, torch.arange(1, len(grads) + 1, dtype=torch.float64, device=sums.device))
+        moments = torch.stack([fingerprint, fingerprint * fingerprint])
+        self._collective([moments], "gradient_check", torch.float64, broadcast=False)
+        mean, mean_sq = moments.tolist()
+        if mean_sq > 0 and mean_sq - mean * mean <= 1e-12 * mean_sq:
+            raise RuntimeError(
+                f"lordo: the first gradients are identical on all {self.world_size} workers: something already "
+                "averages them (DistributedDataParallel; accelerate or transformers.Trainer under torchrun), so "
+                f"{self.method.name!r} would take no local steps and gradients would cross the network twice. Do not "
+                "wrap the model, pass the DDP-wrapped model to make_optimizer, call "
+                "lordo.comm.disable_ddp_allreduce(ddp_model), or use lordo.integrations.LoRDOTrainer")
 
     def _finite_and_clipped(self, grads: list[torch.Tensor]) -> bool:
         """Clip by the global norm in place; False if the step is to be skipped (non-finite)."""
@@ -392,13 +633,16 @@ class LoRDO(torch.optim.Optimizer):
             torch._foreach_mul_(grads, clip / (total + 1e-6))
         return True
 
-    def _adamw_step(self, grads: list[torch.Tensor]) -> None:
+    def _adamw_step(self, grads: list[torch.Tensor], present: list[bool]) -> None:
         if not self.full:
             return
         self._adam_steps += 1
         k = self._adam_steps
         self._adam_step_t.fill_(k)
         for g, idx in self._full_by_group:
+            idx = [i for i in idx if present[i]]
+            if not idx:
+                continue
             params = [self.params[i] for i in idx]
             states = [self.state[p] for p in params]
             m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
@@ -546,6 +790,8 @@ class LoRDO(torch.optim.Optimizer):
             return
         if not self._initialized:
             self._init_state()
+        if not self._aligned:
+            self._align()
         hp = self.hparams
         # The matrices' deltas go straight into one stacked buffer per bucket (the projection's input),
         # the rest into plain tensors: one full-size copy instead of two.
@@ -579,11 +825,27 @@ class LoRDO(torch.optim.Optimizer):
             self._refresh(sources, own)
         self.synced = True
 
+    def finish(self) -> None:
+        """End a run on the averaged model: synchronize now unless the last step did (local methods;
+        nothing to do for ddp and lowrank_ddp). Call it on every worker after the last step."""
+        if self.method.local and self.steps > 0:
+            self.sync()
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Everything as tensors and plain values: loads with `torch.load(weights_only=True)`."""
+        """Everything as tensors and plain values: loads with `torch.load(weights_only=True)`.
+        torch's state_dict hooks (`register_state_dict_pre_hook`, ...) run as in torch."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        return state_dict
+
+    def _state_dict(self) -> dict[str, Any]:
         if not self._initialized:
-            self._init_state(broadcast=False)
+            self._init_state()
         state: dict[int, dict[str, Any]] = {i: {} for i in range(len(self.params))}
         for i in self.full:
             state[i].update({k: v.clone() for k, v in self.state[self.params[i]].items()})
@@ -619,15 +881,46 @@ class LoRDO(torch.optim.Optimizer):
             "comm_log": {k: list(v) for k, v in self._comm_log.items()}, "names": list(self.names)}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a `state_dict()`; every tensor's shape is checked before anything changes."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_shapes(self, state: dict[int, dict[str, Any]]) -> None:
+        """Raise ValueError naming the first parameter whose saved state does not fit this optimizer."""
+        shapes = [{k: tuple(p.shape) for k in ("anchor", "outer_momentum", "exp_avg", "exp_avg_sq")}
+                  for p in self.params]
+        for b in self.buckets:
+            (rows, cols), r = b.shape, b.rank
+            for i in b.indices:
+                saved = state[i].get("exp_avg")
+                if saved is not None and saved.ndim == 2 and saved.shape[1] == cols and saved.shape[0] != r:
+                    raise ValueError(f"checkpoint has rank {saved.shape[0]} for parameter {self.names[i]!r}, this "
+                                     f"optimizer rank {r}: build it with the checkpoint's rank")
+                shapes[i] |= {"exp_avg": (r, cols), "exp_avg_sq": (r, cols), "Q": (rows, r),
+                              "error_feedback_accum": (rows, cols)}
+        for i in range(len(self.params)):
+            for k, shape in shapes[i].items():
+                t = state[i].get(k)
+                if isinstance(t, torch.Tensor) and tuple(t.shape) != shape:
+                    raise ValueError(f"checkpoint tensor {k!r} of parameter {self.names[i]!r} has shape "
+                                     f"{tuple(t.shape)}, this optimizer expects {shape}")
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         meta = state_dict["lordo"]
         if meta["method"] != self.method.name:
             raise ValueError(f"checkpoint is for method {meta['method']!r}, this optimizer is {self.method.name!r}")
         if len(meta["names"]) != len(self.params):
             raise ValueError(f"checkpoint has {len(meta['names'])} parameters, this optimizer {len(self.params)}")
-        self._init_state(broadcast=False)
+        state = {int(i): s for i, s in state_dict["state"].items()}
+        self._check_shapes(state)
+        self._init_state()
+        self._aligned = meta["steps"] > 0
         for g, saved in zip(self.param_groups, state_dict["param_groups"]):
             g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
-        state = state_dict["state"]
         for i in self.full:
             p = self.params[i]
             for k, t in self.state[p].items():
@@ -659,10 +952,16 @@ def make_optimizer(method: str, model_or_param_groups: nn.Module | Iterable[Any]
                    **hparams: Any) -> LoRDO:
     """The optimizer for `method` (a name in `METHODS`) with hyper-parameters overriding `DEFAULTS`.
 
-    Given a module, its parameters are split by `split_params`: every 2-D parameter is a low-rank
-    matrix unless it is an `nn.Embedding` weight (or tied to one) or named `lm_head`. Given
-    parameters or param groups, 2-D parameters are matrices unless their group says `lowrank=False`.
+    Given a module, its parameters are split by `split_params` (the rule of `full_rank_reasons`:
+    embeddings, tied weights and output heads stay full-rank). Given parameters or param groups, the
+    rules of `LoRDO` apply. Given a `DistributedDataParallel` model and a communicator, DDP's gradient
+    all-reduce is turned off (`lordo.comm.disable_ddp_allreduce`): lordo synchronizes itself.
     """
-    params = split_params(model_or_param_groups) if isinstance(model_or_param_groups, nn.Module) \
-        else model_or_param_groups
-    return LoRDO(params, method, comm, **hparams)
+    model = model_or_param_groups
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        if comm is not None:
+            disable_ddp_allreduce(model)
+        model = model.module
+    if isinstance(model, nn.Module):
+        return LoRDO(split_params(model), method, comm, model=model, **hparams)
+    return LoRDO(model, method, comm, **hparams)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 import tracemalloc
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub, which reads it once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -347,3 +348,17 @@ def test_brown_and_ptb():
     assert ptb.test is not None and len(ptb.test) == splits["test"]["tokens"]
     assert "research" in ptb.manifest["licence"]
     assert ptb.decode(ptb.val[:200]).startswith("consumers may want to move their telephones")
+
+
+def test_cache_outside_a_checkout_is_the_user_cache(monkeypatch, tmp_path):
+    """An installed (non-editable) package keeps no data in site-packages; $LORDO_DATA_DIR wins everywhere."""
+    monkeypatch.delenv("LORDO_DATA_DIR", raising=False)
+    assert default_cache_dir() == Path(lordo.data.__file__).resolve().parents[1] / "data" / "cache"   # checkout
+    monkeypatch.setattr(lordo.data, "__file__", str(tmp_path / "site-packages" / "lordo" / "data.py"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "lordo" / "data"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "lordo" / "data"
+    monkeypatch.setenv("LORDO_DATA_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"

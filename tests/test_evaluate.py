@@ -23,7 +23,7 @@ from lordo.evaluate import (
     load_model,
     run_perplexity,
 )
-from lordo.model import GPT, model_config
+from lordo.model import GPT, PRESETS, model_config
 
 SEQ_LEN = 128
 
@@ -63,6 +63,16 @@ def lm(run):
 @pytest.fixture(scope="module")
 def tokenizer(run):
     return Tokenizer.from_file(str(run / "tokenizer.json"))
+
+
+def test_export_carries_the_model_maximum_length(run, tmp_path):
+    """Not the training sequence length: lm-eval would truncate longer documents to it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    out = export_hf(run, tmp_path / "hf")
+    assert SEQ_LEN < PRESETS["nano"]["max_seq_len"]
+    assert AutoConfig.from_pretrained(out).max_position_embeddings == PRESETS["nano"]["max_seq_len"]
+    assert AutoTokenizer.from_pretrained(out).model_max_length == PRESETS["nano"]["max_seq_len"]
 
 
 def test_export_logits_match(run, tmp_path, data):

@@ -84,13 +84,16 @@ def test_shared_runs_have_one_config():
     assert analysis.run_config(P, "lordo", moments_on_refresh="reset").hash() != analysis.run_config(P, "lordo").hash()
 
 
-@pytest.mark.parametrize("bad", [dict(methods=["nope"]), dict(rank=-1)], ids=["method", "rank"])
+@pytest.mark.parametrize("bad", [dict(methods=["nope"]), dict(rank=-1), dict(stepz=5)],
+                         ids=["method", "rank", "misspelt"])
 def test_bad_parameter_stops_at_first_cell(tmp_path, bad):
     path = NOTEBOOKS[0]
     with pytest.raises(papermill.PapermillExecutionError) as e:
         papermill.execute_notebook(str(path), str(tmp_path / "out.ipynb"), parameters=bad, kernel_name="python3",
                                    cwd=str(path.parent), progress_bar=False)
     assert e.value.ename == "ValueError" and "\n" not in e.value.evalue and "parameter" in e.value.evalue
+    if "stepz" in bad:
+        assert "unknown notebook parameter 'stepz'" in e.value.evalue and "'steps'" in e.value.evalue
     cells = [c for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells if c.cell_type == "code"]
     injected = next(i for i, c in enumerate(cells) if "injected-parameters" in c.metadata.get("tags", []))
     assert "check_params(" in e.value.source and cells[injected + 1].source == e.value.source

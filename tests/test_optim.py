@@ -149,12 +149,15 @@ def test_communication_accounting():
 
     (ddp, n_params, n_matrix), _ = run_simulated(worker, 2, "ddp")
     (lordo, _, _), _ = run_simulated(worker, 2, "lordo")
-    init = n_params * 4
-    assert ddp["by_kind"]["gradients"] == {"collectives": 6, "payload_bytes": 6 * n_params * 4}
+    init, n_tensors, check = n_params * 4, len(list(GPT(CFG).parameters())), 16
+    # with the gradients, one flag per tensor: who has a gradient (grad=None ones stay untouched)
+    assert ddp["by_kind"]["gradients"] == {"collectives": 6, "payload_bytes": 6 * (n_params + n_tensors) * 4}
     assert lordo["by_kind"]["sync"] == {"collectives": 2, "payload_bytes": 2 * n_params * 4}
     assert lordo["by_kind"]["first_projection"]["payload_bytes"] == n_matrix * 4
     assert ddp["by_kind"]["initial_broadcast"]["payload_bytes"] == init
-    assert lordo["payload_bytes"] == init + 2 * n_params * 4 + n_matrix * 4
+    assert lordo["by_kind"]["gradient_check"] == ddp["by_kind"]["gradient_check"] == {"collectives": 1,
+                                                                                     "payload_bytes": check}
+    assert lordo["payload_bytes"] == init + 2 * n_params * 4 + n_matrix * 4 + check
     assert ddp["ring_wire_factor"] == 1.0 and ddp["wire_bytes"] == ddp["payload_bytes"]
 
 

@@ -51,6 +51,7 @@ def train(method, workers, steps, dtype=torch.float32, data=batch, on_step=None,
         comm = comm if workers > 1 else None
         groups = [{"params": list(params.values()), "param_names": list(params)}]
         opt = make_optimizer(method, groups, comm=comm, **{**HP, **hp})
+        opt.refuse_averaged_gradients = data is batch    # other data functions may feed every worker the same
         log = []
         for step in range(steps):
             loss(params, *data(rank, step, dtype)).backward()

@@ -43,7 +43,7 @@ def grad_fn(worker, step, params):
 def fast_train(method, workers, steps, hp, comm_dtype="float64"):
     def worker(comm):
         params = {n: t.clone().requires_grad_() for n, t in init_params().items()}
-        groups = [{"params": [params["w_in"], params["w_out"], params["bias"]]},
+        groups = [{"params": [params["w_in"], params["w_out"], params["bias"]], "lowrank": True},
                   {"params": [params["emb"]], "lowrank": False}]
         opt = make_optimizer(method, groups, comm=comm if workers > 1 else None, proj_method="svd",
                              comm_dtype=comm_dtype, **hp)

@@ -37,3 +37,31 @@ def test_installed_versions_match_the_pins():
 def test_command_line_help_works():
     done = subprocess.run([sys.executable, "-m", "lordo.cli", "train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--sync-every" in done.stdout and "--launcher" in done.stdout
+
+
+def test_pyproject_declares_torch_and_the_reproduction_extra():
+    import tomllib
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["dependencies"] == ["torch>=2.6"]
+    declared = {r.split(">")[0].split("=")[0] for r in project["optional-dependencies"]["repro"]}
+    pinned = {r.split("==")[0] for r in pins((REPO / "requirements.txt").read_text().splitlines())}
+    assert pinned - declared == {"torch", "pytest", "ruff", "nbmake"}     # the rest: test and lint tools
+
+
+def test_optimizer_needs_only_torch():
+    """`pip install lordo` gives torch alone: the optimizer must import and step without the rest."""
+    reproduction = ["yaml", "numpy", "pandas", "scipy", "transformers", "datasets", "tokenizers", "matplotlib"]
+    code = (f"import sys\nfor m in {reproduction!r}: sys.modules[m] = None\n"
+            "import torch, lordo\nm = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))\n"
+            "opt = lordo.make_optimizer('lordo', m, rank=2)\nm(torch.randn(4, 8)).sum().backward()\nopt.step()\n"
+            "print(opt.lowrank_names)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "['0.weight']"       # the last Linear is the output layer: full-rank
+
+
+def test_make_lab_allows_root_only_as_root():
+    import os
+    done = subprocess.run(["make", "-n", "lab"], capture_output=True, text=True, cwd=REPO)
+    lab = [line for line in done.stdout.splitlines() if "jupyter lab" in line]
+    assert len(lab) == 1 and lab[0].endswith("--allow-root") == (os.geteuid() == 0)
