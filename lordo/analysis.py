@@ -72,6 +72,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "sweep_seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
     "batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1"),
     "moments": (_list(lambda v: v in MOMENT_RULES), f"a non-empty list of {list(MOMENT_RULES)}"),
+    "gap_steps": (lambda v: v is None or _int(1)(v), "None (the config files' steps) or an int >= 1"),
     "gap_batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1 that divide steps x batch_size"),
     "gap_sync_everys": (_list(_int(1)), "a non-empty list of ints >= 1"),
     "ablations": (lambda v: isinstance(v, list | tuple) and all(a in _ablations() for a in v),

@@ -26,8 +26,8 @@ from lordo.config import TrainConfig
 # Single changes to LoRDO at the shared point, by name: each isolates one mechanism the gap could come from.
 ABLATIONS: dict[str, dict[str, Any]] = {
     "Q from gradient": {"proj_source": "gradient"},     # lowrank_ddp's projection source, one more all-reduce
-    "omega = 1": {"omega": 1.0},                        # no full-rank QH term (lordo_global)
-    "omega = 0.9": {"omega": 0.9},
+    "no QH term": {"omega": 1.0},                       # omega = 1: lordo_global
+    "omega 0.9": {"omega": 0.9},
     "no error feedback": {"error_feedback": False},
     "moments reset": {"moments_on_refresh": "reset"},
     "no clipping": {"clip": None},
@@ -42,7 +42,8 @@ def ladder(P: dict[str, Any], kind: str, seed: int) -> list[tuple[str, TrainConf
     kind "lowrank": low-rank DDP -> LoRDO with one worker on M*B sequences -> M workers averaging every
     step (K = 1) -> LoRDO (K local steps). kind "fullrank": DDP -> local AdamW at K = 1 -> local AdamW.
     """
-    m, b, k = P["workers"], P["batch_size"], P["sync_every"]
+    shared = run_config(P, "lordo", seed=seed)     # the values config files give under the paper preset
+    m, b, k = shared.workers, shared.batch_size, shared.resolved_optimizer()["sync_every"]
     if kind == "lowrank":
         return [("low-rank DDP", run_config(P, "lowrank_ddp", seed=seed)),
                 (f"LoRDO, M = 1, B = {m * b}", run_config(P, "lordo", seed=seed, workers=1, batch_size=m * b)),
@@ -57,12 +58,13 @@ def ladder(P: dict[str, Any], kind: str, seed: int) -> list[tuple[str, TrainConf
 
 def equal_tokens(P: dict[str, Any], batch_size: int) -> dict[str, int]:
     """Overrides that train at per-worker batch `batch_size` on the shared point's tokens and validation windows."""
-    b, steps = P["batch_size"], P["steps"]
+    shared = run_config(P, "lordo")
+    b, steps = shared.batch_size, shared.steps
     if (steps * b) % batch_size:
         raise ValueError(f"batch size {batch_size} does not divide the shared point's {steps} x {b} sequences")
     return {"batch_size": batch_size, "steps": steps * b // batch_size,
-            "eval_every": max(1, P["eval_every"] * b // batch_size),
-            "eval_batches": max(1, P["eval_batches"] * b // batch_size)}
+            "eval_every": max(1, shared.eval_every * b // batch_size),
+            "eval_batches": max(1, (shared.eval_batches or 1) * b // batch_size)}
 
 
 def labelled(runs: list, labels: list[str], **columns: list[Any]) -> pd.DataFrame:

@@ -36,7 +36,7 @@ def test_equal_tokens_keeps_tokens_and_validation_windows():
 def test_ablation_switches_off_with_none():
     assert diagnosis.ablation(P, "no clipping", 0).clip is None
     assert diagnosis.ablation(P, "Q from gradient", 0).proj_source == "gradient"
-    assert diagnosis.ablation(P, "omega = 1", 0).omega == 1.0
+    assert diagnosis.ablation(P, "no QH term", 0).omega == 1.0
     with pytest.raises(ValueError, match="ablations"):
         check_params(ablations=["no such change"])
 

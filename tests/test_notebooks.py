@@ -24,8 +24,8 @@ def parameters(path: Path) -> dict:
     return papermill.inspect_notebook(str(path))
 
 
-def test_five_notebooks_and_three_presets():
-    assert [p.stem.split("_")[0] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04"]
+def test_six_notebooks_and_three_presets():
+    assert [p.stem.split("_")[0] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05"]
     assert set(PRESETS) == {"smoke", "cpu", "paper"}
 
 
