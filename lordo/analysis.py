@@ -511,6 +511,9 @@ def claims_table(rows: list[dict[str, str]], P: dict[str, Any], notebook: str) -
     """Save the notebook's claims (claims.csv, read by lordo.reproduce for the README) and print them."""
     df = pd.DataFrame(rows, columns=["claim", "paper", "source", "this run", "verdict"])
     save_table(df, P, notebook, "claims")
+    beside_figures = repo_path(P["figures_dir"]) / notebook / "claims.csv"   # the figures README reads this copy
+    beside_figures.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(beside_figures, lambda f: df.to_csv(f, index=False))
     for r in rows:
         print(f"{r['claim']}\n    {r['paper']}  [{r['source']}]\n    this run: {r['this run']}\n"
               f"    verdict: {r['verdict']}\n")
