@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -48,6 +49,10 @@ def update_json(path: Path, **entries: Any) -> None:
     write_json(path, {**old, **entries})
 
 
+def copy_file(source: Path, path: Path) -> None:
+    _replace_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def save_torch(path: Path, obj: Any) -> None:
     def save(tmp: Path) -> None:
         try:
@@ -55,6 +60,28 @@ def save_torch(path: Path, obj: Any) -> None:
         except RuntimeError as e:   # torch's writer reports a failed write (a full disk) as RuntimeError
             raise OSError(errno.EIO, f"write failed ({str(e).splitlines()[0]})", str(path)) from e
     _replace_atomic(path, save)
+
+
+class JsonlLog:
+    """A JSONL file records are appended to, each flushed as it comes (a crash keeps what was logged);
+    a failed write (a full disk) names the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "a")   # noqa: SIM115 - closed by close()
+
+    def append(self, *records: dict[str, Any]) -> None:
+        try:
+            self.file.writelines(json.dumps(r) + "\n" for r in records)
+            self.file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass   # what failed to reach the disk was reported by append; a resumed run rewrites it
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

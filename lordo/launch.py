@@ -36,7 +36,7 @@ def torchrun_command(cfg: TrainConfig, run_dir: Path, start: int | None, stop_at
         cmd += ["--standalone"]
     cmd += ["-m", "lordo.launch", "--run-dir", str(run_dir)]
     if start is not None:
-        cmd += ["--start", str(start)]
+        cmd += ["--resume-from", str(start)]
     if stop_at is not None:
         cmd += ["--stop-at", str(stop_at)]
     return cmd
@@ -117,8 +117,8 @@ def _first_failure(report: str, run_dir: Path) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one torchrun rank of a lordo run (started by lordo.launch)")
     parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--start", type=int, default=None, help="the checkpoint step to resume from")
+    parser.add_argument("--resume-from", type=int, default=None, help="the checkpoint step to resume from")
     parser.add_argument("--stop-at", type=int, default=None)
     args = parser.parse_args()
     from lordo.trainer import main_worker
-    main_worker(args.run_dir, args.start, args.stop_at)
+    main_worker(args.run_dir, args.resume_from, args.stop_at)

@@ -12,11 +12,9 @@ again for a finished config loads it; an interrupted one resumes from its last c
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +30,7 @@ import torch
 from lordo.comm import Communicator, run_simulated
 from lordo.config import TrainConfig, make_config
 from lordo.data import Batches, Prepared, prepare, val_windows
-from lordo.files import read_jsonl, save_torch, write_json
+from lordo.files import JsonlLog, copy_file, read_jsonl, save_torch, write_json
 from lordo.model import GPT, model_config
 from lordo.optim import make_optimizer
 from lordo.runs import (
@@ -124,10 +122,9 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
         loss_sum += state.get("loss_sum", 0.0)
         loss_count = state.get("loss_count", 0)
     start = start or 0
-    metrics_file = sync_file = None
+    metrics_log = sync_log = None
     if lead:
-        metrics_file = open(run_dir / "metrics.jsonl", "a")   # noqa: SIM115 - closed below
-        sync_file = open(run_dir / "sync.jsonl", "a")          # noqa: SIM115
+        metrics_log, sync_log = JsonlLog(run_dir / "metrics.jsonl"), JsonlLog(run_dir / "sync.jsonl")
     local = opt.method.local
     sync_every = opt.hparams["sync_every"]
     eval_every = -(-cfg.eval_every // sync_every) * sync_every if local else cfg.eval_every
@@ -140,9 +137,9 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
     if start == 0:   # the curves start at the initial model
         val_loss = evaluate(model, data.val, cfg, comm, device, stop)
         if lead:
-            metrics_file.write(json.dumps({"step": 0, "tokens": 0, "train_loss": None, "val_loss": val_loss,
-                                           "val_ppl": math.exp(val_loss), "lr": 0.0, "comm_bytes": 0,
-                                           "wall_s": 0.0, "tokens_per_s": None}) + "\n")
+            metrics_log.append({"step": 0, "tokens": 0, "train_loss": None, "val_loss": val_loss,
+                                "val_ppl": math.exp(val_loss), "lr": 0.0, "comm_bytes": 0, "wall_s": 0.0,
+                                "tokens_per_s": None})
     t_last = time.perf_counter()
     try:
         for step in range(start, end):
@@ -165,10 +162,8 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
                 opt.sync()     # local methods end on the averaged model (counted like any sync)
             records = opt.pop_diagnostics()
             if lead and records:
-                for rec in records:
-                    sync_file.write(json.dumps({"step": done, **{k: v for k, v in rec.items() if k != "step"}})
-                                    + "\n")
-                sync_file.flush()
+                sync_log.append(*({"step": done, **{k: v for k, v in rec.items() if k != "step"}}
+                                  for rec in records))
             evaluate_now = done == cfg.steps or done % eval_every == 0
             if evaluate_now or done % cfg.log_every == 0:
                 now = time.perf_counter()
@@ -187,8 +182,7 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
                 loss_sum.zero_()
                 loss_count = 0
                 if lead:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    metrics_log.append(record)
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['train_loss']:.3f}",
                                         val=f"{val_loss:.3f}" if val_loss is not None else "-")
@@ -206,8 +200,8 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
         if bar is not None:
             bar.close()
         if lead:
-            metrics_file.close()
-            sync_file.close()
+            metrics_log.close()
+            sync_log.close()
     if end < cfg.steps or not lead:
         return
     save_torch(run_dir / "model.pt", model.state_dict())
@@ -318,7 +312,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
         if stop_at is not None and start is not None and stop_at <= start:
             raise ValueError(f"stop_at={stop_at} is invalid: allowed an int above the step the run resumes "
                              f"from ({start})")
-        shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
+        copy_file(Path(data.tokenizer_path), run_dir / "tokenizer.json")
         try:
             if cfg.launcher == "torchrun":
                 from lordo.launch import launch_torchrun
