@@ -250,10 +250,10 @@ def _remove_run_files(run_dir: Path, names: tuple[str, ...] = RUN_FILES) -> None
             path.unlink(missing_ok=True)
 
 
-def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force: bool,
-                    model: dict[str, Any]) -> int | None:
+def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force: bool, model: dict[str, Any],
+                    stop_at: int | None = None) -> int | None:
     """Decide between resumed and fresh (the caller holds the RunLock); returns the step to resume from,
-    or None for a fresh start. Writes config.json."""
+    or None for a fresh start. Every check comes before the first change. Writes config.json."""
     extended: list[int] = []
     start = None
     has_run = (run_dir / "config.json").is_file()
@@ -283,8 +283,14 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force:
             if start > cfg.steps:
                 raise ValueError(f"config field steps={cfg.steps} is invalid: allowed an int >= the checkpoint's "
                                  f"step {start}")
+            if stop_at is not None and stop_at <= start:
+                raise ValueError(f"stop_at={stop_at} is invalid: allowed an int above the step the run resumes "
+                                 f"from ({start})")
             if cfg.steps != old.steps:
                 extended.append(old.steps)
+            if start != checkpoint:   # the latest was unreadable: it goes, the fallback becomes the latest
+                write_json(run_dir / "checkpoints" / "latest.json",
+                           {"step": start, "previous": None, "world_size": old.workers})
             for name in ("metrics.jsonl", "sync.jsonl"):
                 _truncate_jsonl(run_dir / name, start)
             for later in (run_dir / "checkpoints").glob("step_*"):   # unreadable or never completed

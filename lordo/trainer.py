@@ -1,13 +1,13 @@
-"""The trainer: one per-worker loop for every method, the results store, checkpoints.
+"""The trainer: one per-worker loop for every method, and `train`, its entry point.
 
     run = lordo.train(method="lordo", preset="tiny", workers=4, steps=300)   # cached by config
     run.summary["val_ppl"], run.metrics, run.syncs
 
     lordo train --method lordo --preset tiny --workers 4 --steps 300 --out runs/x
 
-Each run writes `runs/<name>/`: config.json, metrics.jsonl, sync.jsonl, summary.json (written
-last: its presence marks a finished run), model.pt, tokenizer.json and checkpoints/. Asking
-again for a finished config loads it; an interrupted one resumes from its last checkpoint.
+Each run writes `runs/<name>/` (lordo.runs, the results store: ownership, lock, checkpoints). Asking
+again for a finished config loads it; an interrupted one resumes from its last checkpoint; Ctrl-C stops
+every worker, leaving the last checkpoint intact.
 """
 
 from __future__ import annotations
@@ -308,10 +308,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
     data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens)
     model = asdict(model_config(cfg.preset, data.vocab_size, cfg.seq_len))
     with RunLock(run_dir) as lock:
-        start = prepare_run_dir(cfg, run_dir, resume, force, model)
-        if stop_at is not None and start is not None and stop_at <= start:
-            raise ValueError(f"stop_at={stop_at} is invalid: allowed an int above the step the run resumes "
-                             f"from ({start})")
+        start = prepare_run_dir(cfg, run_dir, resume, force, model, stop_at)
         copy_file(Path(data.tokenizer_path), run_dir / "tokenizer.json")
         try:
             if cfg.launcher == "torchrun":

@@ -249,6 +249,31 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path, capsys):
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
+def test_what_is_not_a_run_or_an_export_is_one_line(tmp_path, capsys):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / ".lordo-run").write_text("")
+    (fake / "config.json").write_text('{"colour": "red"}')
+    code, err = run_cli(["train", *SMOKE, "--steps", "2", "--out", str(fake)], capsys)
+    assert code == 2 and err == f"lordo train: error: {fake / 'config.json'} is not a lordo run's config.json " \
+        "(KeyError: 'train')\n"
+    run = lordo.train(NANO, steps=2, out=str(tmp_path / "run"), stop_at=1)
+    code, err = run_cli(["train", *SMOKE, "--steps", "2", "--resume", "--stop-at", "1", "--out", str(run.dir)],
+                        capsys)
+    assert code == 2 and "stop_at=1 is invalid: allowed an int above the step the run resumes from (1)" in err
+    lordo.train(NANO, steps=2, out=str(run.dir))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "paper.pdf").write_bytes(b"%PDF")
+    for target, message in [(tmp_path / "mine", "holds files that are not a lordo export (paper.pdf)"),
+                            (tmp_path / "mine" / "paper.pdf", "is a file, not a directory")]:
+        code, err = run_cli(["export", str(run.dir), "--to", str(target)], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+    assert (tmp_path / "mine" / "paper.pdf").read_bytes() == b"%PDF"
+    code, err = run_cli(["eval", str(run.dir), "--batch-size", "0"], capsys)
+    assert code == 2 and "batch_size=0 is invalid: allowed an int >= 1" in err
+    assert "downstream" not in json.loads((run.dir / "summary.json").read_text())
+
+
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
