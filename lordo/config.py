@@ -31,7 +31,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 LAUNCHERS = ("sim", "torchrun")
 EXECUTION_FIELDS = ("launcher", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "device", "out",
                     "runs_dir", "checkpoint_every", "progress")
-MAX_SIM_WORKERS = 256   # simulated workers are threads of one process on one device
+MAX_LOCAL_WORKERS = 256   # threads (sim) or processes (torchrun) on one machine
 NONE_WORDS = ("none", "null", "~")
 
 
@@ -318,14 +318,16 @@ def validate_config(c: TrainConfig) -> None:
         _need(kind.check(getattr(c, f.name)), f.name, getattr(c, f.name), kind.describe())
     longest = PRESETS[c.preset]["max_seq_len"]
     _need(c.seq_len <= longest, "seq_len", c.seq_len, f"an int in [2, {longest}] for preset {c.preset}")
-    _need(c.launcher != "sim" or c.workers <= MAX_SIM_WORKERS, "workers", c.workers,
-          f"an int in [1, {MAX_SIM_WORKERS}] with the sim launcher (threads of one process); "
-          "more with --launcher torchrun")
+    _need(c.launcher != "sim" or c.workers <= MAX_LOCAL_WORKERS, "workers", c.workers,
+          f"an int in [1, {MAX_LOCAL_WORKERS}] with the sim launcher (threads of one process); "
+          "more with --launcher torchrun over several nodes")
     _need(c.node_rank < c.nnodes, "node_rank", c.node_rank, f"an int in [0, nnodes - 1 = {c.nnodes - 1}]")
     if c.launcher == "torchrun":
         nproc = c.nproc_per_node or c.workers // c.nnodes
         _need(nproc * c.nnodes == c.workers, "nproc_per_node", c.nproc_per_node,
               f"nproc_per_node * nnodes == workers ({c.workers})")
+        _need(nproc <= MAX_LOCAL_WORKERS, "workers" if c.nproc_per_node is None else "nproc_per_node", nproc,
+              f"at most {MAX_LOCAL_WORKERS} ranks per node (--nnodes spreads them)")
         _need(c.nnodes == 1 or c.rdzv_endpoint is not None, "rdzv_endpoint", c.rdzv_endpoint,
               "host:port of node 0 when nnodes > 1")
     try:

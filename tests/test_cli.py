@@ -191,22 +191,45 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(how, tmp_path):
     same_result(tmp_path / "straight", out)
 
 
-def test_ctrl_c_stops_torchrun_ranks_and_the_run_resumes(tmp_path):
-    args = [*SMOKE, "--launcher", "torchrun", "--steps", "120", "--checkpoint-every", "4"]
-    straight = finish("train", *args, "--out", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
+TORCHRUN = [*SMOKE, "--launcher", "torchrun", "--steps", "120", "--checkpoint-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("torchrun") / "straight"
+    done = finish("train", *TORCHRUN, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("how", ["sigint", "kill -9 a rank"])
+def test_torchrun_runs_stop_whole_and_resume_to_the_uninterrupted_result(how, torchrun_straight, tmp_path):
     out = tmp_path / "cut"
-    proc = start("train", *args, "--out", str(out))
-    wait_for_checkpoint(proc, out, 8)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=90)
-    assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "is intact" in err, err
-    assert not (out / "summary.json").exists() and not (out / "errors").exists()
-    ranks = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _runs_in(p, out)]
-    assert ranks == []                                          # no rank outlives the command
-    again = finish("train", *args, "--resume", "--out", str(out))
+    proc = start("train", *TORCHRUN, "--out", str(out))
+    wait_for_checkpoint(proc, out, random.Random(how).choice([4, 8, 12]))
+    if how == "sigint":
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+        assert proc.returncode == 130 and len(err.strip().splitlines()) == 1 and "is intact" in err, err
+        assert not (out / "errors").exists()
+    else:
+        victim = next(p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_rank(p, 1, out))
+        os.kill(int(victim.name), signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and "rank 1 failed" in err and "intact" in err, err[-3000:]
+    assert not (out / "summary.json").exists()
+    assert [p for p in Path("/proc").iterdir() if p.name.isdigit() and _runs_in(p, out)] == []   # none outlives it
+    again = finish("train", *TORCHRUN, "--resume", "--out", str(out))
     assert again.returncode == 0, again.stderr
-    same_result(tmp_path / "straight", out)
+    same_result(torchrun_straight, out)
+
+
+def _is_rank(proc_dir: Path, rank: int, out: Path) -> bool:
+    try:
+        environ = (proc_dir / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return _runs_in(proc_dir, out) and f"LOCAL_RANK={rank}".encode() in environ
 
 
 def _runs_in(proc_dir: Path, out: Path) -> bool:
