@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lordo.config import TrainConfig, make_config
-from lordo.files import read_jsonl, write_json, write_jsonl
+from lordo.files import read_jsonl, save_torch, write_json, write_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 MARKER = ".lordo-run"
@@ -179,7 +179,6 @@ def latest_checkpoint(run_dir: Path) -> int | None:
 def save_checkpoint(run_dir: Path, comm: Any, step: int, payload: dict[str, Any]) -> None:
     """Every worker saves its state; rank 0 then points `latest.json` at the complete step and keeps the
     one before it (the fallback when the latest turns out unreadable)."""
-    from lordo.files import save_torch
     target = step_dir(run_dir, step)
     target.mkdir(parents=True, exist_ok=True)
     save_torch(target / f"rank{comm.rank}.pt", payload)

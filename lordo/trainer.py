@@ -52,7 +52,6 @@ __all__ = ["REPO", "Interrupted", "Run", "cpu_threads", "evaluate", "latest_chec
            "main_worker", "run_dir_for", "runs_root", "train", "worker"]
 
 
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (SIGINT) stopped a run: every worker stopped, the last checkpoint is intact, no summary."""
 
