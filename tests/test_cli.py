@@ -165,11 +165,20 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, capsys):
     assert not (out / "summary.json").exists()
 
 
+SIM = [*SMOKE, "--steps", "100", "--checkpoint-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def sim_straight(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "straight"
+    done = finish("train", *SIM, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
 @pytest.mark.parametrize("how", ["sigint", "kill -9"])
-def test_interrupted_runs_resume_to_the_uninterrupted_result(how, tmp_path):
-    args = [*SMOKE, "--steps", "150", "--checkpoint-every", "4"]
-    straight = finish("train", *args, "--out", str(tmp_path / "straight"))
-    assert straight.returncode == 0, straight.stderr
+def test_interrupted_runs_resume_to_the_uninterrupted_result(how, sim_straight, tmp_path):
+    args = SIM
     out = tmp_path / "cut"
     proc = start("train", *args, "--out", str(out))
     wait_for_checkpoint(proc, out, random.Random(how).choice([4, 8, 12, 16]))
@@ -188,7 +197,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_result(how, tmp_path):
         assert not list(out.rglob("*.tmp"))
     assert not (out / "summary.json").exists() or again.returncode == 0
     assert again.returncode == 0, again.stderr
-    same_result(tmp_path / "straight", out)
+    same_result(sim_straight, out)
 
 
 TORCHRUN = [*SMOKE, "--launcher", "torchrun", "--steps", "120", "--checkpoint-every", "4"]
