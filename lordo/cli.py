@@ -7,48 +7,58 @@
     lordo export runs/x --to exported/x
     lordo eval runs/x --tasks core --limit 100
 
-Every `lordo train` option is a field of `lordo.config.TrainConfig`; values are read as YAML
-scalars (8, 0.25, null, true), lists as `0.9,0.95`.
+Every `lordo train` option is a field of `lordo.config.TrainConfig`, read and checked as that field's
+kind says (numbers as people write them: 3e-3, 1E-8, .5; `none` for an optional field; lists as
+0.9,0.95). Bad input is one line naming the value and what is allowed, with exit status 2; Ctrl-C
+stops a run with its last checkpoint intact, exit status 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
-from typing import Any
 
-import yaml
-
-from lordo.config import TrainConfig, load_config, make_config
-from lordo.launch import LaunchError
+USAGE_ERROR, INTERRUPTED = 2, 130
 
 
-def _value(text: str) -> Any:
-    if "," in text:
-        return [_value(part) for part in text.split(",")]
-    return yaml.safe_load(text)
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (the usage is one --help away)."""
+
+    def error(self, message: str) -> None:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _train_parser(sub: argparse._SubParsersAction) -> None:
+def _train_parser(sub: argparse._SubParsersAction, options: bool) -> None:
     p = sub.add_parser("train", help="train one configuration (cached by its hash)",
-                       description="Train one configuration. Options are TrainConfig fields.")
+                       description="Train one configuration. Options are TrainConfig fields; each says its "
+                                   "default and what is allowed.")
+    if not options:   # `lordo --help` stays light: the options (and torch) load only for `lordo train`
+        return
+    from dataclasses import fields
+
+    from lordo.config import TrainConfig, field_help
     p.add_argument("--config", help="YAML/JSON file of TrainConfig fields (options given here override it)")
-    p.add_argument("--force", action="store_true", help="retrain even if a finished run is cached")
+    p.add_argument("--force", action="store_true",
+                   help="retrain even if a finished run is cached (replaces only files lordo wrote)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this step with a checkpoint")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="stop after this step with a checkpoint (an int >= 1)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = field_help(f).replace("%", "%%")
         if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        else:
-            p.add_argument(flag, dest=f.name, type=_value, default=None, metavar=f.name.upper())
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:   # kept as text: the config reads it as the field's kind, the same for config files
+            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
 
 
 def _train(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from lordo.config import TrainConfig, load_config, make_config
+    from lordo.trainer import train
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = load_config(args.config, **given) if args.config else make_config(given)
-    from lordo.trainer import train
     run = train(cfg, force=args.force, resume=True if args.resume else None, stop_at=args.stop_at)
     s = run.summary
     if "stopped_at" in s:
@@ -75,35 +85,53 @@ def _eval(args: argparse.Namespace) -> None:
                  batch_size=args.batch_size, device=args.device)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lordo", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
+    parser = Parser(prog="lordo", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _train_parser(sub, train_options)
     p = sub.add_parser("prepare", help="fetch, tokenize and cache a corpus")
     p.add_argument("--corpus", default="shakespeare")
     p.add_argument("--tokenizer", default="bpe")
     p.add_argument("--vocab-size", type=int, default=8192)
     p = sub.add_parser("export", help="write a run's model as a transformers LlamaForCausalLM checkpoint")
     p.add_argument("run", help="run directory (runs/<name>)")
-    p.add_argument("--to", required=True, help="output directory")
+    p.add_argument("--to", required=True, help="output directory (new, empty, or an earlier export)")
     p = sub.add_parser("eval", help="lm-eval downstream tasks (and perplexity) on a run's model")
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--tasks", default="core", help="'core' (offline suite) or comma-separated lm-eval task names")
-    p.add_argument("--limit", type=int, default=None, help="examples per task")
-    p.add_argument("--num-fewshot", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default=None)
+    p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples (default: 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="an int >= 1 (default: 16)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:<index> (default: cuda if available)")
     return parser
 
 
+def user_error(e: BaseException) -> str | None:
+    """The one line for an error a user can fix (bad input, a path, a busy or failed run); None for a bug."""
+    from lordo.launch import LaunchError
+    from lordo.runs import RunInUse
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, ValueError | OSError | ConnectionError | LaunchError | RunInUse):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(train_options=argv[:1] == ["train"]).parse_args(argv)
     handler = {"train": _train, "prepare": _prepare, "export": _export, "eval": _eval}[args.command]
     try:
         handler(args)
-    except (ValueError, FileNotFoundError, ConnectionError, LaunchError) as e:
-        print(f"lordo {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"lordo {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(INTERRUPTED)
+    except Exception as e:
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"lordo {args.command}: error: {message}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
 
 
 if __name__ == "__main__":

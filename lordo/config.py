@@ -5,6 +5,8 @@
 
 Fields split in two: what determines the result (hashed: two configs with the same hash give
 the same run) and how it is executed (`EXECUTION_FIELDS`: launcher, device, output place...).
+Each field carries its help text and its `Kind` (how text is read, what is allowed): the one
+source of `lordo train --help`, of parsing command-line and config-file values, and of validation.
 """
 
 from __future__ import annotations
@@ -12,79 +14,218 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, fields
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lordo.optim import DEFAULTS, METHODS, validate_hparams
+from lordo.model import PRESETS
+from lordo.optim import COMM_DTYPES, DEFAULTS, METHODS, MOMENT_RULES, PROJ_SOURCES, validate_hparams
+from lordo.projection import PROJ_METHODS
 
 SCHEDULES = ("cosine", "wsd", "constant")
 LAUNCHERS = ("sim", "torchrun")
 EXECUTION_FIELDS = ("launcher", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "device", "out",
                     "runs_dir", "checkpoint_every", "progress")
+MAX_LOCAL_WORKERS = 256   # threads (sim) or processes (torchrun) on one machine
+NONE_WORDS = ("none", "null", "~")
 
 
+# ---------------------------------------------------------------------- value kinds
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _read_int(text: str) -> int:
+    """'8', '1_000', '1e3' (an integral float as people write it)."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise
+        return int(value)
+
+
+def _read_bool(text: str) -> bool:
+    words = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    return words[text.lower()]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A field's values: `read` turns text as typed into a value, `ok` accepts a value, `allowed` says which."""
+
+    read: Callable[[str], Any]
+    ok: Callable[[Any], bool]
+    allowed: str
+    none: str | None = None      # what None means, when None is allowed
+
+    def parse(self, value: Any) -> Any:
+        """Text (command line; a YAML scalar such as '3e-3' that YAML 1.1 leaves a string) read as this kind;
+        other values as given. Text that does not read stays text, for `check` to name it."""
+        if not isinstance(value, str):
+            return value
+        if self.none and value.strip().lower() in NONE_WORDS:
+            return None
+        if self.read is str:
+            return value
+        try:
+            return self.read(value.strip())
+        except (ValueError, KeyError, OverflowError):
+            return value
+
+    def check(self, value: Any) -> bool:
+        return value is None if value is None else self.ok(value)
+
+    def describe(self) -> str:
+        return f"{self.allowed}, or None ({self.none})" if self.none else self.allowed
+
+
+def integer(low: int, high: int | None = None, none: str | None = None) -> Kind:
+    return Kind(_read_int, lambda v: _is_int(v) and v >= low and (high is None or v <= high),
+                f"an int >= {low}" if high is None else f"an int in [{low}, {high}]", none)
+
+
+def number(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False,
+           none: str | None = None) -> Kind:
+    def ok(v: Any) -> bool:
+        return _is_number(v) and math.isfinite(v) and (v > low if open_low else v >= low) and \
+            (high is None or (v < high if open_high else v <= high))
+    if high is None:
+        allowed = f"a number {'>' if open_low else '>='} {low:g}"
+    else:
+        allowed = f"a number in {'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+    return Kind(float, ok, allowed, none)
+
+
+def choice(options: tuple[str, ...] | list[str], none: str | None = None) -> Kind:
+    return Kind(str, lambda v: v in options, f"one of {list(options)}", none)
+
+
+def text(allowed: str, pattern: str = r".+", none: str | None = None) -> Kind:
+    return Kind(str, lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None, allowed, none)
+
+
+def flag(none: str | None = None) -> Kind:
+    return Kind(_read_bool, lambda v: isinstance(v, bool), "true or false", none)
+
+
+def _read_rank(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+RANK = Kind(_read_rank, lambda v: _is_int(v) and v >= 1 or isinstance(v, float) and 0 < v <= 1,
+            "an int >= 1, or a fraction of min(p, q) in (0, 1]", f"lordo.optim.DEFAULTS: {DEFAULTS['rank']}")
+BETAS = Kind(lambda t: [float(b) for b in t.split(",")],
+             lambda v: isinstance(v, tuple | list) and len(v) == 2 and
+             all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1), as 0.9,0.95",
+             f"lordo.optim.DEFAULTS: {','.join(map(str, DEFAULTS['betas']))}")
+
+
+def option(default: Any, kind: Kind, help: str) -> Any:
+    """A TrainConfig field with its kind and help text."""
+    return field(default=default, metadata={"kind": kind, "help": help})
+
+
+def _optimizer_default(name: str) -> str:
+    return f"lordo.optim.DEFAULTS: {DEFAULTS[name]}"
+
+
+# ---------------------------------------------------------------------- the config
 @dataclass
 class TrainConfig:
     """Everything a run needs. Optimizer fields left at None take the optimizer's defaults."""
 
     # what is trained, on what
-    method: str = "lordo"
-    preset: str = "tiny"
-    corpus: str = "shakespeare"
-    tokenizer: str = "bpe"
-    vocab_size: int = 8192          # for the trained BPE; other tokenizers bring their own
-    corpus_tokens: int | None = None  # prepare at most this many training tokens (required for hf: corpora)
-    seed: int = 0
+    method: str = option("lordo", choice(sorted(METHODS)), "optimization method (README: Methods)")
+    preset: str = option("tiny", choice(sorted(PRESETS)), "model size (README: Training runs)")
+    corpus: str = option("shakespeare", text("shakespeare, brown, ptb, hf:<name>[:<config>] or files:<glob>"),
+                         "training corpus (data/README.md)")
+    tokenizer: str = option("bpe", text("bpe (trained on the corpus), byte, gpt2 or a Hugging Face name"),
+                            "tokenizer")
+    vocab_size: int = option(8192, integer(256), "vocabulary of the trained BPE (other tokenizers bring their own)")
+    corpus_tokens: int | None = option(None, integer(1, none="all of a local corpus"),
+                                       "prepare at most this many training tokens (required for hf: corpora)")
+    seed: int = option(0, integer(0, 2**32 - 1), "seed of the initialization, the data order and the projections")
     # batch and length
-    workers: int = 4                # M: simulated threads or torchrun ranks
-    steps: int = 300
-    batch_size: int = 8             # sequences per worker per micro-step
-    grad_accum: int = 1             # micro-steps per optimizer step
-    seq_len: int = 128
-    bf16: bool = False              # bf16 autocast (CPU and CUDA)
+    workers: int = option(4, integer(1), "M: simulated threads or torchrun ranks")
+    steps: int = option(300, integer(1), "optimizer steps")
+    batch_size: int = option(8, integer(1), "sequences per worker per micro-step")
+    grad_accum: int = option(1, integer(1), "micro-steps per optimizer step")
+    seq_len: int = option(128, integer(2), "tokens per sequence (at most the preset's max_seq_len)")
+    bf16: bool = option(False, flag(), "bf16 autocast (CPU and CUDA)")
     # schedule
-    lr: float = 3e-3
-    schedule: str = "cosine"        # warmup then cosine | warmup-stable-decay | constant
-    warmup: int = 20                # steps
-    min_lr_ratio: float = 0.1       # final lr / peak lr (cosine and wsd)
-    decay_fraction: float = 0.2     # wsd: last fraction of steps that decays
+    lr: float = option(3e-3, number(0, open_low=True), "peak learning rate")
+    schedule: str = option("cosine", choice(SCHEDULES), "warmup then cosine | warmup-stable-decay | constant")
+    warmup: int = option(20, integer(0), "linear warmup steps")
+    min_lr_ratio: float = option(0.1, number(0, 1), "final lr / peak lr (cosine and wsd)")
+    decay_fraction: float = option(0.2, number(0, 1, open_low=True), "wsd: last fraction of steps that decays")
     # optimizer (lordo.optim.DEFAULTS when None)
-    rank: int | float | None = None
-    sync_every: int | None = None
-    omega: float | None = None
-    weight_decay: float | None = None
-    betas: tuple[float, float] | None = None
-    eps: float | None = None
-    clip: float | None = 1.0
-    error_feedback: bool | None = None
-    moments_on_refresh: str | None = None
-    proj_method: str | None = None
-    proj_every: int | None = None
-    proj_source: str | None = None  # pseudo_gradient (the paper) | gradient (diagnostic: +1 all-reduce per sync)
-    outer_lr: float | None = None
-    outer_momentum: float | None = None
-    comm_dtype: str | None = None
-    diagnostics: bool = True
+    rank: int | float | None = option(None, RANK, "rank r of the low-rank matrices")
+    sync_every: int | None = option(None, integer(1, none=_optimizer_default("sync_every")),
+                                    "K_x: local steps between synchronizations (local methods)")
+    omega: float | None = option(None, number(0, 1, none="the method's own: 0.7 for lordo, else 1"),
+                                 "weight of the low-rank momentum in the quasi-hyperbolic step")
+    weight_decay: float | None = option(None, number(0, none=_optimizer_default("weight_decay")),
+                                        "decoupled weight decay")
+    betas: tuple[float, float] | None = option(None, BETAS, "Adam's beta1,beta2")
+    eps: float | None = option(None, number(0, open_low=True, none=_optimizer_default("eps")), "Adam's epsilon")
+    clip: float | None = option(1.0, number(0, open_low=True, none="no clipping"), "global gradient-norm clip")
+    error_feedback: bool | None = option(None, flag(none=_optimizer_default("error_feedback")),
+                                         "keep the low-rank projection's residual and add it back")
+    moments_on_refresh: str | None = option(None, choice(MOMENT_RULES, none=_optimizer_default("moments_on_refresh")),
+                                            "what the moments do when Q changes")
+    proj_method: str | None = option(None, choice(PROJ_METHODS, none=_optimizer_default("proj_method")),
+                                     "how the projection Q is computed")
+    proj_every: int | None = option(None, integer(1, none=_optimizer_default("proj_every")),
+                                    "steps between projection refreshes (lowrank_ddp)")
+    proj_source: str | None = option(None, choice(PROJ_SOURCES, none=_optimizer_default("proj_source")),
+                                     "what Q is computed from: pseudo_gradient (the paper) | gradient "
+                                     "(diagnostic: +1 all-reduce per sync)")
+    outer_lr: float | None = option(None, number(0, open_low=True, none=_optimizer_default("outer_lr")),
+                                    "outer learning rate at synchronizations (local methods)")
+    outer_momentum: float | None = option(None, number(0, 1, open_high=True,
+                                                       none=_optimizer_default("outer_momentum")),
+                                          "outer Nesterov momentum at synchronizations (local methods)")
+    comm_dtype: str | None = option(None, choice(tuple(COMM_DTYPES), none=_optimizer_default("comm_dtype")),
+                                    "dtype of what is communicated")
+    diagnostics: bool = option(True, flag(), "record subspace diagnostics at synchronizations (sync.jsonl)")
     # evaluation and logging
-    eval_every: int = 50            # local methods evaluate at the next synchronization
-    eval_batches: int | None = 16   # validation batches per worker per evaluation (None: the whole split)
-    log_every: int = 10
+    eval_every: int = option(50, integer(1), "steps between evaluations (local methods: at the next synchronization)")
+    eval_batches: int | None = option(16, integer(1, none="the whole split"),
+                                      "validation batches per worker per evaluation")
+    log_every: int = option(10, integer(1), "steps between metrics rows")
     # execution (not hashed)
-    launcher: str = "sim"
-    nproc_per_node: int | None = None
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None
-    device: str = "auto"            # auto: cuda if available, else cpu
-    out: str | None = None          # run directory; default <runs_dir>/<method>-<preset>-<hash>
-    runs_dir: str | None = None     # default: $LORDO_RUNS_DIR or <repo>/runs
-    checkpoint_every: int = 0       # 0: only the final state
-    progress: bool = True
+    launcher: str = option("sim", choice(LAUNCHERS), "sim: workers as threads of one process; torchrun: processes")
+    nproc_per_node: int | None = option(None, integer(1, none="workers / nnodes"), "torchrun ranks on this node")
+    nnodes: int = option(1, integer(1), "torchrun nodes")
+    node_rank: int = option(0, integer(0), "this node's rank among nnodes (torchrun)")
+    rdzv_endpoint: str | None = option(None, text("host:port", r"[^\s:]+:\d{1,5}", none="single node"),
+                                       "rendezvous of node 0 (torchrun, nnodes > 1)")
+    device: str = option("auto", text("auto, cpu, cuda, cuda:<index> or mps", r"auto|cpu|mps|cuda(:\d+)?"),
+                         "auto: cuda if available, else cpu")
+    out: str | None = option(None, text("a directory path", none="<runs_dir>/<method>-<preset>-<hash>"),
+                             "run directory")
+    runs_dir: str | None = option(None, text("a directory path", none="$LORDO_RUNS_DIR or <repo>/runs"),
+                                  "where runs without --out go")
+    checkpoint_every: int = option(0, integer(0), "steps between checkpoints (0: only at a stop and at the end)")
+    progress: bool = option(True, flag(), "show a progress bar")
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, f.metadata["kind"].parse(getattr(self, f.name)))
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
         validate_config(self)
@@ -113,7 +254,6 @@ class TrainConfig:
     def hash(self) -> str:
         """Key of the result: the fields plus what they resolve to (optimizer defaults, the model's
         shape), so a changed package default is a new run, not a stale cached one."""
-        from lordo.model import PRESETS
         key = {**self.result_dict(), "resolved_optimizer": self.resolved_optimizer(), "model": PRESETS[self.preset]}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
@@ -125,14 +265,18 @@ class TrainConfig:
         return self.workers * self.batch_size * self.grad_accum * self.seq_len
 
 
-def _field_types() -> dict[str, Any]:
-    return {f.name: f.default for f in fields(TrainConfig)}
+def field_help(f: dataclasses.Field) -> str:
+    """A field's help line: what it is, its default and what is allowed."""
+    kind: Kind = f.metadata["kind"]
+    if f.default is None:
+        return f"{f.metadata['help']} (default: none, meaning {kind.none}; allowed: {kind.allowed}, or none)"
+    return f"{f.metadata['help']} (default: {f.default}; allowed: {kind.describe()})"
 
 
 def make_config(base: dict[str, Any] | None = None, **overrides: Any) -> TrainConfig:
     """A TrainConfig from a dict plus keyword overrides; unknown fields are named in the error."""
     data = {**(base or {}), **overrides}
-    known = _field_types()
+    known = {f.name for f in fields(TrainConfig)}
     for key in data:
         if key not in known:
             raise ValueError(f"unknown config field {key!r}: allowed {sorted(known)}")
@@ -144,7 +288,15 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or "not valid YAML"
+        raise ValueError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {str(path)!r} is not text (YAML or JSON)") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
     try:
@@ -159,33 +311,25 @@ def _need(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def validate_config(c: TrainConfig) -> None:
-    """Raise ValueError naming the first bad field and what is allowed."""
-    from lordo.model import PRESETS  # the model module imports nothing of ours; kept local for import time
-
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    _need(c.method in METHODS, "method", c.method, f"one of {sorted(METHODS)}")
-    _need(c.preset in PRESETS, "preset", c.preset, f"one of {sorted(PRESETS)}")
-    for name in ("workers", "steps", "batch_size", "grad_accum", "eval_every", "log_every"):
-        _need(is_int(getattr(c, name)) and getattr(c, name) >= 1, name, getattr(c, name), "an int >= 1")
-    _need(is_int(c.seq_len) and c.seq_len >= 2, "seq_len", c.seq_len, "an int >= 2")
-    _need(is_int(c.vocab_size) and c.vocab_size >= 256, "vocab_size", c.vocab_size, "an int >= 256")
-    _need(is_int(c.warmup) and c.warmup >= 0, "warmup", c.warmup, "an int >= 0")
-    _need(c.corpus_tokens is None or is_int(c.corpus_tokens) and c.corpus_tokens >= 1, "corpus_tokens",
-          c.corpus_tokens, "None (all of a local corpus) or an int >= 1")
-    _need(isinstance(c.lr, int | float) and c.lr > 0, "lr", c.lr, "a number > 0")
-    _need(c.schedule in SCHEDULES, "schedule", c.schedule, f"one of {SCHEDULES}")
-    _need(0 <= c.min_lr_ratio <= 1, "min_lr_ratio", c.min_lr_ratio, "a number in [0, 1]")
-    _need(0 < c.decay_fraction <= 1, "decay_fraction", c.decay_fraction, "a number in (0, 1]")
-    _need(c.eval_batches is None or is_int(c.eval_batches) and c.eval_batches >= 1, "eval_batches",
-          c.eval_batches, "None (whole split) or an int >= 1")
-    _need(c.launcher in LAUNCHERS, "launcher", c.launcher, f"one of {LAUNCHERS}")
-    _need(is_int(c.checkpoint_every) and c.checkpoint_every >= 0, "checkpoint_every", c.checkpoint_every,
-          "an int >= 0 (0: no intermediate checkpoints)")
-    _need(is_int(c.nnodes) and c.nnodes >= 1, "nnodes", c.nnodes, "an int >= 1")
+    """Raise ValueError naming the first bad field and what is allowed: each field's kind, then what
+    depends on several fields."""
+    for f in fields(c):
+        kind: Kind = f.metadata["kind"]
+        _need(kind.check(getattr(c, f.name)), f.name, getattr(c, f.name), kind.describe())
+    longest = PRESETS[c.preset]["max_seq_len"]
+    _need(c.seq_len <= longest, "seq_len", c.seq_len, f"an int in [2, {longest}] for preset {c.preset}")
+    _need(c.launcher != "sim" or c.workers <= MAX_LOCAL_WORKERS, "workers", c.workers,
+          f"an int in [1, {MAX_LOCAL_WORKERS}] with the sim launcher (threads of one process); "
+          "more with --launcher torchrun over several nodes")
+    _need(c.node_rank < c.nnodes, "node_rank", c.node_rank, f"an int in [0, nnodes - 1 = {c.nnodes - 1}]")
     if c.launcher == "torchrun":
         nproc = c.nproc_per_node or c.workers // c.nnodes
         _need(nproc * c.nnodes == c.workers, "nproc_per_node", c.nproc_per_node,
               f"nproc_per_node * nnodes == workers ({c.workers})")
+        _need(nproc <= MAX_LOCAL_WORKERS, "workers" if c.nproc_per_node is None else "nproc_per_node", nproc,
+              f"at most {MAX_LOCAL_WORKERS} ranks per node (--nnodes spreads them)")
+        _need(c.nnodes == 1 or c.rdzv_endpoint is not None, "rdzv_endpoint", c.rdzv_endpoint,
+              "host:port of node 0 when nnodes > 1")
     try:
         validate_hparams(c.resolved_optimizer())
     except ValueError as e:

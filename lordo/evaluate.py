@@ -67,7 +67,11 @@ def load_model(run_dir: str | Path) -> GPT:
     run_dir = Path(run_dir)
     config, _ = read_run(run_dir)
     model = GPT(config)
-    model.load_state_dict(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True))
+    try:
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"{run_dir / 'model.pt'} cannot be read ({str(e).splitlines()[0]})") from None
+    model.load_state_dict(state)
     return model.eval()
 
 
@@ -87,6 +91,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "hf"
+    _check_export_dir(out_dir)
     model = load_model(run_dir)
     c = model.config
     # The model's own maximum length, its preset's (rotary positions need no table), not the training
@@ -108,9 +113,27 @@ def export_hf(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     state = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in model.state_dict().items()}
     hf_model.load_state_dict(state, strict=True, assign=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EXPORT_MARKER).write_text("lordo exported a run here; exporting again replaces these files\n")
     hf_model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+EXPORT_MARKER = ".lordo-export"
+# what save_pretrained writes for our models (exports from before the marker hold only these)
+EXPORT_FILES = {EXPORT_MARKER, "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
+
+
+def _check_export_dir(out_dir: Path) -> None:
+    """An export goes to a new or empty directory, or replaces an earlier export; nothing else is overwritten."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"export target {out_dir} is a file, not a directory")
+    if out_dir.is_dir():
+        names = {p.name for p in out_dir.iterdir()}
+        if names and EXPORT_MARKER not in names and not names <= EXPORT_FILES:
+            raise ValueError(f"export target {out_dir} holds files that are not a lordo export "
+                             f"({', '.join(sorted(names - EXPORT_FILES)[:3])}); choose a new or empty directory")
 
 
 def ensure_export(run_dir: Path) -> Path:
@@ -277,6 +300,7 @@ def run_perplexity(run_dir: str | Path, corpora: str = "heldout,ptb", limit: int
     from tokenizers import Tokenizer
 
     run_dir = Path(run_dir)
+    _check_eval_options(limit, batch_size)
     config, data = read_run(run_dir)
     lm = lm or hf_lm(ensure_export(run_dir), batch_size, device, config.max_seq_len)
     tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
@@ -296,6 +320,17 @@ def run_perplexity(run_dir: str | Path, corpora: str = "heldout,ptb", limit: int
 
 
 # ---------------------------------------------------------------------- the entry point
+def _check_eval_options(limit: int | None, batch_size: int, num_fewshot: int = 0) -> None:
+    """Checked before anything runs, so a bad option never leaves a partial result merged."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    for name, value, ok, allowed in [
+            ("batch_size", batch_size, is_int(batch_size) and batch_size >= 1, "an int >= 1"),
+            ("limit", limit, limit is None or is_int(limit) and limit >= 1, "an int >= 1, or None (all)"),
+            ("num_fewshot", num_fewshot, is_int(num_fewshot) and num_fewshot >= 0, "an int >= 0")]:
+        if not ok:
+            raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}")
+
+
 def evaluate_run(run_dir: str | Path, tasks: str = "core", limit: int | None = None, num_fewshot: int = 0,
                  batch_size: int = 16, device: str | None = None, perplexity_corpora: str = "heldout,ptb",
                  bootstrap_iters: int = 1000) -> dict[str, Any]:
@@ -306,6 +341,7 @@ def evaluate_run(run_dir: str | Path, tasks: str = "core", limit: int | None = N
     perplexity corpus; perplexity_corpora="" skips perplexity. bootstrap_iters is for metrics without a
     closed-form standard error (LAMBADA's perplexity)."""
     run_dir = Path(run_dir)
+    _check_eval_options(limit, batch_size, num_fewshot)
     config, _ = read_run(run_dir)
     task_list, task_manager = resolve_tasks(tasks)  # a bad task name fails before the model is loaded
     lm = hf_lm(ensure_export(run_dir), batch_size, device, config.max_seq_len)

@@ -1,10 +1,14 @@
 """Results and checkpoints on disk: every write is atomic (temp file + rename), so a reader, or a
-run resumed after a crash, sees the old file or the new one, never half of one."""
+run resumed after a crash, sees the old file or the new one, never half of one. A write that fails
+(a full disk) removes its temporary file; one killed leaves `.<name>.<pid>.tmp`, which the next run
+in that directory removes (lordo.runs.RunLock)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -12,12 +16,27 @@ from typing import IO, Any
 import torch
 
 
+def _replace_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:   # a failed write names no file; this is the one
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, write: Callable[[IO[str]], Any]) -> None:
     """Call `write(f)` on a temporary text file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        write(f)
-    os.replace(tmp, path)
+    def write_text(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            write(f)
+    _replace_atomic(path, write_text)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -30,10 +49,39 @@ def update_json(path: Path, **entries: Any) -> None:
     write_json(path, {**old, **entries})
 
 
+def copy_file(source: Path, path: Path) -> None:
+    _replace_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
 def save_torch(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:   # torch's writer reports a failed write (a full disk) as RuntimeError
+            raise OSError(errno.EIO, f"write failed ({str(e).splitlines()[0]})", str(path)) from e
+    _replace_atomic(path, save)
+
+
+class JsonlLog:
+    """A JSONL file records are appended to, each flushed as it comes (a crash keeps what was logged);
+    a failed write (a full disk) names the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "a")   # noqa: SIM115 - closed by close()
+
+    def append(self, *records: dict[str, Any]) -> None:
+        try:
+            self.file.writelines(json.dumps(r) + "\n" for r in records)
+            self.file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(self.path)) from e
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass   # what failed to reach the disk was reported by append; a resumed run rewrites it
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -69,7 +69,9 @@ def test_resume_is_bit_exact(tmp_path):
     stopped = lordo.train(cfg, out=str(tmp_path / "split"), stop_at=20)
     assert stopped.summary == {"stopped_at": 20}
     latest = json.loads((tmp_path / "split" / "checkpoints" / "latest.json").read_text())
-    assert latest == {"step": 20, "world_size": 2}
+    assert latest == {"step": 20, "previous": 10, "world_size": 2}   # the last two are kept
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").glob("step_*")) == \
+        ["step_0000010", "step_0000020"]
     resumed = lordo.train(cfg, out=str(tmp_path / "split"), resume=True)
     a = torch.load(straight.dir / "model.pt", weights_only=True)
     b = torch.load(resumed.dir / "model.pt", weights_only=True)
