@@ -67,6 +67,8 @@ class TrainConfig:
     outer_lr: float | None = None
     outer_momentum: float | None = None
     comm_dtype: str | None = None
+    state_dtype: str | None = None  # "bfloat16": moments and error feedback stored in bf16 (README "Memory")
+    host_anchor: bool | None = None  # the anchor copy in host memory, on the device only at syncs
     diagnostics: bool = True
     # evaluation and logging
     eval_every: int = 50            # local methods evaluate at the next synchronization
