@@ -308,8 +308,8 @@ class LoRDO(torch.optim.Optimizer):
        without names (and no `model`) are low-rank if 2-D, with one warning listing them.
     galore's other group keys are refused (`GALORE_KEYS` says why). Everything else in `DEFAULTS`
     is global. Parameters without a gradient (`grad=None`, frozen ones) are left untouched, as by
-    torch's optimizers. Accounting: `comm_stats()`, `memory_stats()`, `projection_seconds`;
-    subspace diagnostics with `diagnostics=True`: `pop_diagnostics()`. `lowrank_names`: the
+    torch's optimizers. Accounting: `comm_stats()`, `memory_stats()`, `projection_seconds`,
+    `comm_seconds`; subspace diagnostics with `diagnostics=True`: `pop_diagnostics()`. `lowrank_names`: the
     low-rank matrices. `finish()` ends a distributed run on the averaged model. `model`: the module
     the parameters belong to, for the rule and, distributed, to broadcast rank 0's parameters before
     its first forward (without it: at the first step, after the first gradients).
@@ -351,6 +351,7 @@ class LoRDO(torch.optim.Optimizer):
         self.skipped_steps = 0     # steps skipped for a non-finite gradient (nonfinite="skip")
         self.refreshes = 0         # projection computations (each seeds its randomized sketch)
         self.projection_seconds = 0.0
+        self.comm_seconds = 0.0    # time inside collectives (waiting for other workers included)
         self.synced = False        # whether the last step() ended with a synchronization
         self._comm_log: dict[str, list[int]] = {}   # kind -> [collectives, payload bytes]
         self._diagnostics: list[dict[str, Any]] = []
@@ -531,6 +532,10 @@ class LoRDO(torch.optim.Optimizer):
         log[1] += numel * dtype.itemsize
         if self.world_size == 1:
             return
+        device = tensors[0].device
+        if device.type == "cuda":   # collectives are asynchronous there: time them from idle to idle
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         cap = max(1, int(self.hparams["bucket_mb"] * 2**20 / dtype.itemsize))
         start = 0
         while start < len(tensors):
@@ -547,6 +552,9 @@ class LoRDO(torch.optim.Optimizer):
                 flat.div_(self.world_size)
             torch._foreach_copy_(chunk, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in chunk]), chunk)])
             start = end
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.comm_seconds += time.perf_counter() - t0
 
     def comm_stats(self) -> dict[str, Any]:
         """Payload bytes this worker sent, by kind and in total, and the ring wire factor 2(M-1)/M."""
@@ -968,6 +976,7 @@ class LoRDO(torch.optim.Optimizer):
                                                      for k, v in self.hparams.items()},
             "steps": self.steps, "skipped_steps": self.skipped_steps, "adam_steps": self._adam_steps,
             "refreshes": self.refreshes, "projection_seconds": self.projection_seconds,
+            "comm_seconds": self.comm_seconds,
             "comm_log": {k: list(v) for k, v in self._comm_log.items()}, "names": list(self.names)}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1035,6 +1044,7 @@ class LoRDO(torch.optim.Optimizer):
         self.steps, self.skipped_steps = meta["steps"], meta["skipped_steps"]
         self._adam_steps, self.refreshes = meta["adam_steps"], meta["refreshes"]
         self.projection_seconds = meta["projection_seconds"]
+        self.comm_seconds = meta.get("comm_seconds", 0.0)      # absent from older checkpoints
         self._comm_log = {k: list(v) for k, v in meta["comm_log"].items()}
 
 
