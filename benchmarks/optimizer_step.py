@@ -41,17 +41,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
 from lordo.model import PRESETS, swiglu_width  # noqa: E402
-from lordo.optim import METHODS, make_optimizer  # noqa: E402
+from lordo.optim import MEMORY_OPTIONS, METHODS, make_optimizer  # noqa: E402
 
 K_X = 16              # local steps per sync for the amortized share
 GALORE_GAP = 200      # GaLore's update_proj_gap
 PROJ_METHODS = ("svd", "randomized", "power")
 MEMORY_KINDS = ("moments", "projection", "error_feedback", "anchor", "outer_momentum")
-MEMORY_OPTIONS = {   # lordo's memory options (lordo.optim DEFAULTS), alone and together
-    "lordo state_dtype=bfloat16": dict(state_dtype="bfloat16"),
-    "lordo host_anchor": dict(host_anchor=True),
-    "lordo bf16 + host_anchor": dict(state_dtype="bfloat16", host_anchor=True),
-}
+
 
 _125M = PRESETS["125m"]
 SHAPES = {   # name -> (d_model, n_layers, d_ff, vocab); tied embedding, no biases
@@ -217,17 +213,18 @@ def memory_table(shape: str, mats: list, rest: list, rank: int, measured: dict[s
     cols = (*MEMORY_KINDS, "total", "device", "host")
     print(f"\n[3] optimizer state, bytes per parameter ({n / 1e6:.1f}M parameters, rank {rank}, "
           f"{mats[0].dtype}; from memory_stats(accelerator=True), before any step: device = on a GPU)")
-    print(f"  {'method':<28}" + "".join(f"{k[:14]:>15}" for k in cols))
-    rows = {m: (m, {}) for m in METHODS} | {name: ("lordo", hp) for name, hp in MEMORY_OPTIONS.items()}
+    print(f"  {'method':<32}" + "".join(f"{k[:14]:>15}" for k in cols))
+    rows = {m: (m, {}) for m in METHODS} | {f"lordo {name}": ("lordo", hp) for name, hp in MEMORY_OPTIONS.items()
+                                              if hp}
     mem = {}
     for name, (method, hp) in rows.items():
         groups = [dict(params=mats, lowrank=True), dict(params=rest, lowrank=False)]
         opt = make_optimizer(method, groups, rank=rank, **hp)
         mem[name] = opt.memory_stats(accelerator=True)
-        print(f"  {name:<28}" + "".join(f"{mem[name][k] / n:15.2f}" for k in cols))
+        print(f"  {name:<32}" + "".join(f"{mem[name][k] / n:15.2f}" for k in cols))
     for name, b in measured.items():    # reference optimizers, from their allocated state
-        print(f"  {name:<28}{'':>75}{b / n:15.2f}")
-    best, adam = mem["lordo bf16 + host_anchor"], mem["ddp"]["total"]
+        print(f"  {name:<32}{'':>75}{b / n:15.2f}")
+    best, adam = mem["lordo bf16 state + host anchor"], mem["ddp"]["total"]
     device, total = best["device"] / adam, best["total"] / adam
     return (f"{shape} rank {rank}: lordo with bf16 state + host anchor, on a GPU: device state {device:.2f}x "
             f"AdamW's (target <= 0.5): {'MET' if device <= 0.5 else 'NOT MET'}; total {total:.2f}x "

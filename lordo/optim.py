@@ -89,6 +89,11 @@ DEFAULTS: dict[str, Any] = dict(
     proj_iters=1, proj_source="pseudo_gradient", outer_lr=1.0, outer_momentum=0.0, comm_dtype="float32",
     nonfinite="raise", diagnostics=False, seed=0, bucket_mb=64.0, state_dtype="float32", host_anchor=False,
 )
+# The memory options alone and together (benchmarks/optimizer_step.py, notebook 04).
+MEMORY_OPTIONS: dict[str, dict[str, Any]] = {
+    "float32 (default)": {}, "bf16 state": dict(state_dtype="bfloat16"), "host anchor": dict(host_anchor=True),
+    "bf16 state + host anchor": dict(state_dtype="bfloat16", host_anchor=True),
+}
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "rank", "omega")   # may differ per param group
 MOMENT_RULES = ("keep", "reset", "rotate")
 # What a local method's Q is computed from at a synchronization: the (averaged) pseudo-gradient, as the paper,

@@ -88,7 +88,9 @@ def workload(summary: dict[str, Any], sync_every: int) -> Workload:
     kinds = summary["comm"]["by_kind"]
     once = tuple(kinds[k]["payload_bytes"] // kinds[k]["collectives"] for k in ("initial_broadcast",
                                                                             "first_projection") if k in kinds)
-    return Workload(method=summary["method"], compute_s_per_step=summary["compute_s_per_step"],
+    # summaries written before compute_s_per_step was recorded: wall time per step, communication included
+    compute = summary.get("compute_s_per_step", summary["wall_s"] / summary["steps"])
+    return Workload(method=summary["method"], compute_s_per_step=compute,
                     tokens_per_step=summary["tokens"] // summary["steps"],
                     sync_bytes=summary["comm"]["per_sync_payload_bytes"],
                     steps_per_sync=1 if "gradients" in kinds else sync_every, once_bytes=once)

@@ -55,3 +55,33 @@ def test_inputs_match_a_measured_run(method, tmp_path):
     assert 0 < s["comm_seconds"] < s["wall_s"]
     assert 0 < w.compute_s_per_step < s["wall_s"] / s["steps"]
     assert train_seconds(w, s["tokens"], 2, math.inf, 0) == pytest.approx(s["wall_s"] - s["comm_seconds"])
+
+
+def test_time_saved_and_its_verdict_on_a_small_table():
+    import pandas as pd
+
+    from lordo import analysis
+
+    times = pd.DataFrame([  # two seeds of lowrank_ddp, one of lordo; 1 and 100 Gb/s
+        {"preset": "tiny", "method": m, "seed": s, "gbps": g, "seconds": t} for m, s, g, t in [
+            ("lowrank_ddp", 0, 1, 10.0), ("lowrank_ddp", 1, 1, 12.0), ("lowrank_ddp", 0, 100, 2.0),
+            ("lowrank_ddp", 1, 100, 2.0), ("lordo", 0, 1, 5.5), ("lordo", 0, 100, 2.2)]])
+    saved = analysis.time_saved(times)
+    assert saved["gbps"].tolist() == [1, 100]
+    assert saved["saved"].tolist() == pytest.approx([0.5, -0.1])          # 1 - 5.5/11, 1 - 2.2/2
+    assert analysis.time_saved_verdict(saved, reduction=9.0, claimed=10).startswith(
+        "supported (50% of the time saved at 1 Gb/s, -10% at 100 Gb/s")
+    assert analysis.time_saved_verdict(saved, reduction=5.0, claimed=10).startswith("not supported (bytes fall 5.0x")
+    slower = saved.assign(saved=[-0.2, -0.3])
+    assert analysis.time_saved_verdict(slower, 9.0, 10) == "not supported (no time saved even at 1 Gb/s)"
+
+
+def test_memory_options_table_meets_the_targets_at_125m():
+    from lordo import analysis
+
+    df = analysis.memory_options(["125m"], 0.125).set_index("option")
+    both = df.loc["bf16 state + host anchor"]
+    assert both["state_device"] <= 0.5 * both["adamw_total"] and both["state_total"] <= both["adamw_total"]
+    default = df.loc["float32 (default)"]
+    assert default["state_host"] == 0 and default["state_total"] > default["adamw_total"]
+    assert df.loc["host anchor", "state_host"] == default["state_anchor"] == 4 * df.loc["host anchor", "params"]
