@@ -79,12 +79,13 @@ def test_bfloat16_state_is_stored_in_bfloat16_and_counted():
     train_steps(model, opt, 0, 4)
     b = opt.buckets[0]
     assert b.exp_avg.dtype == b.exp_avg_sq.dtype == b.ef.dtype == BF16 and b.Q.dtype == torch.float32
-    assert all(s["exp_avg"].dtype == BF16 for s in opt.state.values())
+    adamw = [opt.state[opt.params[i]] for i in opt.full]
+    assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == BF16 for s in adamw)
     stats = opt.memory_stats()
     for kind in ("moments", "error_feedback"):
         assert stats[kind] * 2 == full[kind]
     assert stats["projection"] == full["projection"] and stats["anchor"] == full["anchor"]
-    allocated = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
+    allocated = sum(s[k].numel() * s[k].element_size() for s in adamw for k in ("exp_avg", "exp_avg_sq"))
     allocated += sum(t.numel() * t.element_size() for b in opt.buckets for t in (b.exp_avg, b.exp_avg_sq))
     assert allocated == stats["moments"]
     assert sum(b.ef.numel() * 2 for b in opt.buckets) == stats["error_feedback"]
