@@ -27,6 +27,9 @@ def test_train_seconds_counts_steps_syncs_and_one_offs():
     assert train_seconds(LORDO, 10_000, 2, 8, 1e-3) == pytest.approx(1.2045 + (3 + 2) * 2e-3)
     assert train_seconds(DDP, 9_500, 1, 8, 1.0) == pytest.approx(1.0)     # 10 steps, nothing sent
     assert payload_bytes(DDP, 10_000) == 11 * 10**6 and payload_bytes(LORDO, 10_000) == 4_500_000
+    twice = Workload("lordo", 0.12, 1000, 10**6, 4, once_bytes=(), extra_sync_bytes=(10**6,))  # 2 collectives a sync
+    assert train_seconds(twice, 10_000, 2, 8, 1e-3) == pytest.approx(1.2 + 3 * 2 * (1e-3 + 2e-3))
+    assert payload_bytes(twice, 10_000) == 6 * 10**6
 
 
 def test_break_even_bandwidth():
