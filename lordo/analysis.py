@@ -25,10 +25,11 @@ import torch
 import yaml
 from scipy import stats
 
+from lordo import wallclock as wc
 from lordo.config import LAUNCHERS, TrainConfig, make_config
 from lordo.files import write_atomic, write_json
 from lordo.model import GPT, PRESETS, model_config
-from lordo.optim import DEFAULTS, METHODS, MOMENT_RULES, make_optimizer
+from lordo.optim import DEFAULTS, MEMORY_OPTIONS, METHODS, MOMENT_RULES, make_optimizer
 from lordo.projection import compute_projection, projection_distance
 from lordo.trainer import REPO, Run, cpu_threads, runs_root, train
 
@@ -86,6 +87,9 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "ladder_overrides": (lambda v: v is None or isinstance(v, dict) and all(
         k in PRESETS and isinstance(o, dict) for k, o in v.items()), "None or {preset: {config field: value}}"),
     "results_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "bandwidths_gbps": (_list(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
+                        "a non-empty list of bandwidths in Gb/s, each > 0"),
+    "latency_us": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
     "figures_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
 } | {name: (_int(1), "an int >= 1") for name in (
     "workers", "steps", "batch_size", "sync_every", "proj_every", "eval_every", "eval_batches", "repeats",
@@ -459,6 +463,65 @@ def matrix_state(preset: str, ladder: pd.DataFrame) -> dict[str, float]:
     predicted = sum(r * (p + 2 * q) for p, q in shapes) / sum(2 * p * q for p, q in shapes)
     return {"lowrank": lowrank / 1e6, "adam": adam / 1e6, "ratio": lowrank / adam, "predicted": predicted,
             "total_ratio": lordo["state_total"] / ddp["state_total"]}
+
+
+def memory_options(presets: list[str], rank: int | float) -> pd.DataFrame:
+    """LoRDO's optimizer state by kind on each preset for each memory option (lordo.optim.MEMORY_OPTIONS), with
+    AdamW's for scale: bytes from shapes as a GPU would hold them (`memory_stats(accelerator=True)`: `device`
+    against `host`). The model is built on the meta device: nothing is allocated."""
+    rows = []
+    for preset in presets:
+        with torch.device("meta"):
+            model = GPT(model_config(preset))
+        adam = make_optimizer("ddp", model).memory_stats(accelerator=True)["total"]
+        for option, hp in MEMORY_OPTIONS.items():
+            stats = make_optimizer("lordo", model, rank=rank, **hp).memory_stats(accelerator=True)
+            rows.append({"preset": preset, "option": option, "params": model.num_params(), "adamw_total": adam}
+                        | {f"state_{k}": v for k, v in stats.items()})
+    return pd.DataFrame(rows)
+
+
+def wallclock(runs: list[Run], latency_us: float, bandwidths: list[float]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Predicted time for each run's own token budget on its own M workers at each bandwidth (lordo.wallclock,
+    from the run's measured compute per step and collectives), and the break-even bandwidths of every method
+    against ddp and lowrank_ddp per preset and seed (NaN: one of the two is faster at every bandwidth)."""
+    times, work = [], {}
+    for run in runs:
+        s, c = run.summary, run.config
+        w = wc.workload(s, sync_every=c.resolved_optimizer()["sync_every"])
+        work[(c.preset, c.seed, c.method)] = (w, s["tokens"], s["workers"])
+        for g in bandwidths:
+            t = wc.train_seconds(w, s["tokens"], s["workers"], g, latency_us * 1e-6)
+            times.append(describe(run) | {"gbps": g, "seconds": t, "compute_s_per_step": w.compute_s_per_step,
+                                          "payload_bytes": wc.payload_bytes(w, s["tokens"])})
+    even = []
+    for (preset, seed, method), (w, tokens, m) in work.items():
+        for base in ("ddp", "lowrank_ddp"):
+            if base != method and (preset, seed, base) in work:
+                g = wc.break_even_gbps(w, work[(preset, seed, base)][0], tokens, m, latency_us * 1e-6)
+                even.append({"preset": preset, "seed": seed, "method": method, "baseline": base,
+                             "break_even_gbps": np.nan if g is None else g})
+    return pd.DataFrame(times), pd.DataFrame(even)
+
+
+def time_saved(times: pd.DataFrame, method: str = "lordo", baseline: str = "lowrank_ddp") -> pd.DataFrame:
+    """Per preset and bandwidth, the fraction of `baseline`'s predicted time that `method` saves (mean over seeds;
+    negative: it takes longer)."""
+    t = times.groupby(["preset", "gbps", "method"])["seconds"].mean().unstack("method")
+    return (1 - t[method] / t[baseline]).rename("saved").reset_index()
+
+
+def time_saved_verdict(saved: pd.DataFrame, reduction: float, claimed: float) -> str:
+    """Claim 4's ~10x communication cut as time: 'supported' when the bytes fall by at least 0.8x the claimed
+    factor and that saves time at the slowest bandwidth of `saved` (one preset's rows of time_saved);
+    'not supported' otherwise, saying which part fails."""
+    slow, fast = saved.loc[saved["gbps"].idxmin()], saved.loc[saved["gbps"].idxmax()]
+    if reduction < 0.8 * claimed:
+        return f"not supported (bytes fall {reduction:.1f}x, the paper ~{claimed:g}x)"
+    if slow["saved"] <= 0:
+        return f"not supported (no time saved even at {slow['gbps']:g} Gb/s)"
+    return (f"supported ({slow['saved']:.0%} of the time saved at {slow['gbps']:g} Gb/s, "
+            f"{fast['saved']:.0%} at {fast['gbps']:g} Gb/s)")
 
 
 def downstream(runs: list[Run], tasks: str, limit: int | None) -> pd.DataFrame:

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from lordo.model import PRESETS
-from lordo.optim import COMM_DTYPES, DEFAULTS, METHODS, MOMENT_RULES, PROJ_SOURCES, validate_hparams
+from lordo.optim import COMM_DTYPES, DEFAULTS, METHODS, MOMENT_RULES, PROJ_SOURCES, STATE_DTYPES, validate_hparams
 from lordo.projection import PROJ_METHODS
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -201,6 +201,10 @@ class TrainConfig:
                                           "outer Nesterov momentum at synchronizations (local methods)")
     comm_dtype: str | None = option(None, choice(tuple(COMM_DTYPES), none=_optimizer_default("comm_dtype")),
                                     "dtype of what is communicated")
+    state_dtype: str | None = option(None, choice(tuple(STATE_DTYPES), none=_optimizer_default("state_dtype")),
+                                     "storage dtype of the moments and error feedback (README: Memory)")
+    host_anchor: bool | None = option(None, flag(none=_optimizer_default("host_anchor")),
+                                      "keep the anchor copy in host memory, on the device only at syncs")
     diagnostics: bool = option(True, flag(), "record subspace diagnostics at synchronizations (sync.jsonl)")
     # evaluation and logging
     eval_every: int = option(50, integer(1), "steps between evaluations (local methods: at the next synchronization)")

@@ -23,6 +23,17 @@ together (batched matmuls, foreach ops, no per-parameter host syncs). Error feed
 lazily: while Q is fixed, Q^T E = 0 after every step, so the low-rank gradient is just Q^T G and
 the buffer only needs R += G; the true E = (I - Q Q^T) R is formed when Q changes. That is two
 rank-r matmuls a step instead of three, with the same arithmetic as the spec's recurrence.
+
+Memory options. `state_dtype="bfloat16"` stores every moment (low-rank and AdamW) and the error
+feedback in bfloat16: the arithmetic stays in the parameters' precision (float32 or wider) and only
+what is kept between steps is rounded, stochastically (`stochastic_round_`), so the rounding adds
+noise but no bias to the error feedback's running sums. The random bits come from (seed, step, and
+for local methods the worker's rank), so simulated and torchrun runs and resumed ones stay
+bit-identical and gradient-all-reduce replicas identical. The error feedback is
+then kept eagerly (E itself, one more rank-r matmul a step): the lazy R grows with every step
+between refreshes and its rounding noise with it. `host_anchor=True` keeps the local methods'
+anchor copy (and outer momentum) in host memory, pinned on GPUs, and copies it to the device only
+inside `sync()`; on CPU it already is host memory. `memory_stats()` says which bytes are where.
 """
 
 from __future__ import annotations
@@ -76,8 +87,13 @@ DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, rank=0.25, sync_every=16, omega=None,
     clip=1.0, error_feedback=True, moments_on_refresh="keep", proj_method="power", proj_every=200,
     proj_iters=1, proj_source="pseudo_gradient", outer_lr=1.0, outer_momentum=0.0, comm_dtype="float32",
-    nonfinite="raise", diagnostics=False, seed=0, bucket_mb=64.0,
+    nonfinite="raise", diagnostics=False, seed=0, bucket_mb=64.0, state_dtype="float32", host_anchor=False,
 )
+# The memory options alone and together (benchmarks/optimizer_step.py, notebook 04).
+MEMORY_OPTIONS: dict[str, dict[str, Any]] = {
+    "float32 (default)": {}, "bf16 state": dict(state_dtype="bfloat16"), "host anchor": dict(host_anchor=True),
+    "bf16 state + host anchor": dict(state_dtype="bfloat16", host_anchor=True),
+}
 GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "rank", "omega")   # may differ per param group
 MOMENT_RULES = ("keep", "reset", "rotate")
 # What a local method's Q is computed from at a synchronization: the (averaged) pseudo-gradient, as the paper,
@@ -86,6 +102,7 @@ MOMENT_RULES = ("keep", "reset", "rotate")
 # the pseudo-gradient's projection costs (notebook 05).
 PROJ_SOURCES = ("pseudo_gradient", "gradient")
 NONFINITE_RULES = ("raise", "skip", "off")
+STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}   # None: the parameters' own dtype
 # float64 makes sums of up to a few fp32 values exact, hence independent of the backend's
 # reduction order: bit-reproducible across launchers at twice the bytes.
 COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -123,6 +140,17 @@ def validate_hparams(hp: dict[str, Any]) -> None:
     _check(hp["comm_dtype"] in COMM_DTYPES, "comm_dtype", hp["comm_dtype"], str(tuple(COMM_DTYPES)))
     _check(hp["nonfinite"] in NONFINITE_RULES, "nonfinite", hp["nonfinite"], str(NONFINITE_RULES))
     _check(hp["bucket_mb"] > 0, "bucket_mb", hp["bucket_mb"], "> 0")
+    _check(hp["state_dtype"] in STATE_DTYPES, "state_dtype", hp["state_dtype"], str(tuple(STATE_DTYPES)))
+    _check(isinstance(hp["host_anchor"], bool), "host_anchor", hp["host_anchor"], "True or False")
+
+
+def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Store `x` in bfloat16 `out`, rounded up with probability (x - lower) / (upper - lower), so
+    E[out] = x: 16 uniform random bits are added below bfloat16's last mantissa bit of float32 x, then
+    those bits are cut off (sign-magnitude: the same for negative x)."""
+    bits = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, generator=gen, device=x.device)
+    bits.add_(x.to(torch.float32).view(torch.int32)).bitwise_and_(-(1 << 16))
+    return out.copy_(bits.view(torch.float32))
 
 
 # A module whose name contains one of these is an embedding; one named like these is an output head.
@@ -285,8 +313,8 @@ class LoRDO(torch.optim.Optimizer):
        without names (and no `model`) are low-rank if 2-D, with one warning listing them.
     galore's other group keys are refused (`GALORE_KEYS` says why). Everything else in `DEFAULTS`
     is global. Parameters without a gradient (`grad=None`, frozen ones) are left untouched, as by
-    torch's optimizers. Accounting: `comm_stats()`, `memory_stats()`, `projection_seconds`;
-    subspace diagnostics with `diagnostics=True`: `pop_diagnostics()`. `lowrank_names`: the
+    torch's optimizers. Accounting: `comm_stats()`, `memory_stats()`, `projection_seconds`,
+    `comm_seconds`; subspace diagnostics with `diagnostics=True`: `pop_diagnostics()`. `lowrank_names`: the
     low-rank matrices. `finish()` ends a distributed run on the averaged model. `model`: the module
     the parameters belong to, for the rule and, distributed, to broadcast rank 0's parameters before
     its first forward (without it: at the first step, after the first gradients).
@@ -328,6 +356,7 @@ class LoRDO(torch.optim.Optimizer):
         self.skipped_steps = 0     # steps skipped for a non-finite gradient (nonfinite="skip")
         self.refreshes = 0         # projection computations (each seeds its randomized sketch)
         self.projection_seconds = 0.0
+        self.comm_seconds = 0.0    # time inside collectives (waiting for other workers included)
         self.synced = False        # whether the last step() ended with a synchronization
         self._comm_log: dict[str, list[int]] = {}   # kind -> [collectives, payload bytes]
         self._diagnostics: list[dict[str, Any]] = []
@@ -407,23 +436,23 @@ class LoRDO(torch.optim.Optimizer):
 
     def _init_state(self) -> None:
         """Allocate state on the parameters' devices (lazily, like torch's optimizers)."""
-        ef = self.hparams["error_feedback"]
+        ef, sd = self.hparams["error_feedback"], STATE_DTYPES[self.hparams["state_dtype"]]
         for i in self.full:
             p = self.params[i]
-            self.state[p] = {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            self.state[p] = {"exp_avg": torch.zeros_like(p, dtype=sd), "exp_avg_sq": torch.zeros_like(p, dtype=sd)}
         for b in self.buckets:
             p0 = self.params[b.indices[0]]
-            n, (rows, cols) = len(b.indices), b.shape
-            b.exp_avg = p0.new_zeros(n, b.rank, cols)
-            b.exp_avg_sq = p0.new_zeros(n, b.rank, cols)
+            n, (rows, cols), dt = len(b.indices), b.shape, sd or p0.dtype
+            b.exp_avg = p0.new_zeros(n, b.rank, cols, dtype=dt)
+            b.exp_avg_sq = p0.new_zeros(n, b.rank, cols, dtype=dt)
             # the error feedback is stored like the weights (q x p when transposed) and viewed oriented,
             # so that adding the gradients to it is a contiguous pass
-            b.ef = (p0.new_zeros(n, cols, rows).mT if b.transposed[0] else p0.new_zeros(n, rows, cols)) if ef \
-                else None
+            b.ef = (p0.new_zeros(n, cols, rows, dtype=dt).mT if b.transposed[0]
+                    else p0.new_zeros(n, rows, cols, dtype=dt)) if ef else None
             b.work = p0.new_empty(n, b.rank, cols)
         if self.method.local:
-            self._anchor = [p.detach().clone() for p in self.params]
-            self._outer_m = ([torch.zeros_like(p) for p in self.params]
+            self._anchor = [self._held(p) for p in self.params]
+            self._outer_m = ([self._held(torch.zeros_like(p)) for p in self.params]
                              if self.hparams["outer_momentum"] > 0 else None)
         self._adam_steps = 0
         self._adam_step_t = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
@@ -449,6 +478,25 @@ class LoRDO(torch.optim.Optimizer):
                 with torch.no_grad():
                     self._align()
         handle = model.register_forward_pre_hook(align)
+
+    def _held(self, t: torch.Tensor) -> torch.Tensor:
+        """A copy of `t` for state used only at synchronizations: in host memory (pinned for fast copies
+        to a GPU) with host_anchor, else beside `t`."""
+        if not self.hparams["host_anchor"]:
+            return t.detach().clone()
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda).copy_(t)
+
+    def _rounding(self, stream: int) -> torch.Generator | None:
+        """The random bits of stochastic rounding (state_dtype bfloat16), from (seed, worker rank, step,
+        stream) alone: the same in simulated and torchrun runs and after a resume; None in float32.
+        Methods that all-reduce gradients keep identical replicas, so their workers draw alike."""
+        if STATE_DTYPES[self.hparams["state_dtype"]] is None:
+            return None
+        rank = self.comm.rank if self.comm is not None and self.method.local else 0
+        gen = torch.Generator(device=self.params[0].device)
+        gen.manual_seed((((self.hparams["seed"] * 1_000_003 + rank) * 1_000_003 + self.steps) * 1009 + stream)
+                        % 2**63)
+        return gen
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Works until the first step (or state_dict); after it, refused: the state of same-shape
@@ -489,6 +537,10 @@ class LoRDO(torch.optim.Optimizer):
         log[1] += numel * dtype.itemsize
         if self.world_size == 1:
             return
+        device = tensors[0].device
+        if device.type == "cuda":   # collectives are asynchronous there: time them from idle to idle
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
         cap = max(1, int(self.hparams["bucket_mb"] * 2**20 / dtype.itemsize))
         start = 0
         while start < len(tensors):
@@ -505,6 +557,9 @@ class LoRDO(torch.optim.Optimizer):
                 flat.div_(self.world_size)
             torch._foreach_copy_(chunk, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in chunk]), chunk)])
             start = end
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.comm_seconds += time.perf_counter() - t0
 
     def comm_stats(self) -> dict[str, Any]:
         """Payload bytes this worker sent, by kind and in total, and the ring wire factor 2(M-1)/M."""
@@ -525,22 +580,36 @@ class LoRDO(torch.optim.Optimizer):
         flags = 0 if self.method.local else len(self.params)
         return (sum(p.numel() for p in self.params) + flags) * COMM_DTYPES[self.hparams["comm_dtype"]].itemsize
 
-    def memory_stats(self) -> dict[str, int]:
-        """Bytes of optimizer state on this worker, by kind (from shapes: valid before the first step)."""
-        def nbytes(i: int) -> int:
-            return self.params[i].numel() * self.params[i].element_size()
-        item = lambda b: len(b.indices) * self.params[b.indices[0]].element_size()
+    def memory_stats(self, accelerator: bool | None = None) -> dict[str, int]:
+        """Bytes of optimizer state on this worker, by kind (from shapes: valid before the first step),
+        with `total` split into `device` (held in an accelerator's memory) and `host` (CPU memory).
+
+        accelerator: whether the parameters live on an accelerator; None: as they are (a CPU run holds
+        everything in host memory). True gives the split this optimizer would have on a GPU.
+        """
+        hp = self.hparams
+        state = STATE_DTYPES[hp["state_dtype"]]
+
+        def nbytes(i: int, kept: bool = False) -> int:   # kept: stored in state_dtype
+            p = self.params[i]
+            return p.numel() * (state.itemsize if kept and state is not None else p.element_size())
+        item = lambda b, kept=True: len(b.indices) * (state.itemsize if kept and state is not None
+                                                      else self.params[b.indices[0]].element_size())
         every = sum(map(nbytes, range(len(self.params))))
-        local, hp = self.method.local, self.hparams
+        local = self.method.local
         out = {
-            "moments": 2 * sum(nbytes(i) for i in self.full)
+            "moments": 2 * sum(nbytes(i, True) for i in self.full)
             + sum(2 * item(b) * b.rank * b.shape[1] for b in self.buckets),
-            "projection": sum(item(b) * b.shape[0] * b.rank for b in self.buckets),
+            "projection": sum(item(b, False) * b.shape[0] * b.rank for b in self.buckets),
             "error_feedback": sum(item(b) * b.shape[0] * b.shape[1] for b in self.buckets if hp["error_feedback"]),
             "anchor": every if local else 0,
             "outer_momentum": every if local and hp["outer_momentum"] else 0,
         }
         out["total"] = sum(out.values())
+        on_accelerator = self.params[0].device.type != "cpu" if accelerator is None else accelerator
+        off_device = out["anchor"] + out["outer_momentum"] if hp["host_anchor"] else 0
+        out["device"] = out["total"] - off_device if on_accelerator else 0
+        out["host"] = out["total"] - out["device"]
         return out
 
     # ------------------------------------------------------------------ the step
@@ -639,29 +708,36 @@ class LoRDO(torch.optim.Optimizer):
         self._adam_steps += 1
         k = self._adam_steps
         self._adam_step_t.fill_(k)
+        gen = self._rounding(0)
         for g, idx in self._full_by_group:
             idx = [i for i in idx if present[i]]
             if not idx:
                 continue
             params = [self.params[i] for i in idx]
             states = [self.state[p] for p in params]
-            m, v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            kept_m, kept_v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            m, v = kept_m, kept_v
+            if gen is not None:      # low-precision state: the step on copies in the parameters' dtype
+                m, v = [t.to(p.dtype) for t, p in zip(m, params)], [t.to(p.dtype) for t, p in zip(v, params)]
             (b1, b2), lr = g["betas"], g["lr"]
             gs = [grads[i] for i in idx]
             if len({(p.device, p.dtype) for p in params}) == 1:    # torch's fused kernel: no temporaries
                 torch._fused_adamw_(params, gs, m, v, [], [self._adam_step_t] * len(params), lr=lr, beta1=b1,
                                     beta2=b2, weight_decay=g["weight_decay"], eps=g["eps"], amsgrad=False,
                                     maximize=False)
-                continue
-            torch._foreach_lerp_(m, gs, 1 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, gs, gs, value=1 - b2)
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, math.sqrt(1 - b2**k))
-            torch._foreach_add_(denom, g["eps"])
-            if g["weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * g["weight_decay"])
-            torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1**k))
+            else:
+                torch._foreach_lerp_(m, gs, 1 - b1)
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, gs, gs, value=1 - b2)
+                denom = torch._foreach_sqrt(v)
+                torch._foreach_div_(denom, math.sqrt(1 - b2**k))
+                torch._foreach_add_(denom, g["eps"])
+                if g["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - lr * g["weight_decay"])
+                torch._foreach_addcdiv_(params, m, denom, value=-lr / (1 - b1**k))
+            if gen is not None:
+                for out, x in zip(kept_m + kept_v, m + v):
+                    stochastic_round_(out, x, gen)
 
     def _lowrank_step(self, b: _Bucket, grads: list[torch.Tensor]) -> None:
         """One matrix at a time on views (no stacked copies): per matrix two rank-r matmuls, the second
@@ -670,20 +746,30 @@ class LoRDO(torch.optim.Optimizer):
         (b1, b2), lr, eps, omega = g["betas"], g["lr"], g["eps"], g["omega"]
         G = [_oriented(x, t) for x, t in zip(grads, b.transposed)]                   # clipped, (p, q) views
         low = b.work
-        if b.ef is not None:
+        gen = self._rounding(1 + self.buckets.index(b))
+        if b.ef is not None and gen is not None:          # low precision: E kept eagerly, rounded
+            for j, x in enumerate(G):
+                A = b.ef[j].to(low.dtype).add_(x)         # G + E
+                torch.mm(b.Q[j].mT, A, out=low[j])
+                stochastic_round_(b.ef[j], A.addmm_(b.Q[j], low[j], alpha=-1), gen)   # E = A - Q Q^T A
+        elif b.ef is not None:
             torch._foreach_add_(list(b.ef.unbind(0)), G)
-        if b.ef is not None and b.fresh:
-            torch.bmm(b.Q.mT, b.ef, out=low)              # = Q^T (G + E): Q^T E is 0 unless Q just changed
-        else:
+            if b.fresh:
+                torch.bmm(b.Q.mT, b.ef, out=low)          # = Q^T (G + E): Q^T E is 0 unless Q just changed
+        if b.ef is None or gen is None and not b.fresh:
             for j, x in enumerate(G):
                 torch.mm(b.Q[j].mT, x, out=low[j])
         b.fresh = False
         b.step += 1
-        b.exp_avg.lerp_(low, 1 - b1)
-        b.exp_avg_sq.mul_(b2).addcmul_(low, low, value=1 - b2)
-        denom = torch.div(b.exp_avg_sq, 1 - b2**b.step, out=low).sqrt_().add_(eps)    # D, in the workspace
+        u, v = (b.exp_avg, b.exp_avg_sq) if gen is None else (b.exp_avg.to(low.dtype), b.exp_avg_sq.to(low.dtype))
+        u.lerp_(low, 1 - b1)
+        v.mul_(b2).addcmul_(low, low, value=1 - b2)
+        if gen is not None:
+            stochastic_round_(b.exp_avg, u, gen)
+            stochastic_round_(b.exp_avg_sq, v, gen)
+        denom = torch.div(v, 1 - b2**b.step, out=low).sqrt_().add_(eps)    # D, in the workspace
         qh = denom.mean(dim=(1, 2)).reciprocal_().mul_(-lr * (1 - omega)) if omega < 1 else None
-        N = torch.div(b.exp_avg, denom, out=low).mul_(omega / (1 - b1**b.step))
+        N = torch.div(u, denom, out=low).mul_(omega / (1 - b1**b.step))
         params = [self.params[i] for i in b.indices]            # as stored: every write below is contiguous
         if g["weight_decay"]:
             torch._foreach_mul_(params, 1 - lr * g["weight_decay"])
@@ -729,8 +815,8 @@ class LoRDO(torch.optim.Optimizer):
             if X.is_cuda:
                 torch.cuda.synchronize(X.device)
             self.projection_seconds += time.perf_counter() - t0
-            if b.Q is not None and b.ef is not None:   # materialize E = (I - Q_old Q_old^T) R before Q changes
-                b.ef.baddbmm_(b.Q, b.Q.mT @ b.ef, alpha=-1)
+            if b.Q is not None and b.ef is not None and STATE_DTYPES[hp["state_dtype"]] is None:
+                b.ef.baddbmm_(b.Q, b.Q.mT @ b.ef, alpha=-1)   # lazy R: materialize E = (I - Q_old Q_old^T) R
             if hp["diagnostics"]:
                 self._record(b, Q, X, own[bi] if own is not None else None)
             if b.Q is not None:
@@ -751,9 +837,16 @@ class LoRDO(torch.optim.Optimizer):
             (b1, b2) = b.group["betas"]
             bc1, bc2 = 1 - b1**b.step, 1 - b2**b.step
             C = Q_new.mT @ b.Q
-            var = (b.exp_avg_sq / bc2 - (b.exp_avg / bc1).square()).clamp_min(0)
-            b.exp_avg = C @ b.exp_avg
-            b.exp_avg_sq = bc2 * (C.square() @ var + (b.exp_avg / bc1).square())
+            u, v = b.exp_avg.to(C.dtype), b.exp_avg_sq.to(C.dtype)
+            var = (v / bc2 - (u / bc1).square()).clamp_min(0)
+            u = C @ u
+            v = bc2 * (C.square() @ var + (u / bc1).square())
+            gen = self._rounding(1 + len(self.buckets) + self.buckets.index(b))
+            if gen is None:
+                b.exp_avg, b.exp_avg_sq = u, v
+            else:
+                stochastic_round_(b.exp_avg, u, gen)
+                stochastic_round_(b.exp_avg_sq, v, gen)
 
     def _record(self, b: _Bucket, Q_new: torch.Tensor, X: torch.Tensor, own: torch.Tensor | None) -> None:
         """One record per matrix: how far Q moved, how much of the source it misses, what was visited, and
@@ -793,6 +886,11 @@ class LoRDO(torch.optim.Optimizer):
         if not self._aligned:
             self._align()
         hp = self.hparams
+        # host_anchor: the anchor (and outer momentum) visit the parameters' device for this sync only
+        # (on CPU .to() is the tensor itself: nothing is copied)
+        visit = lambda held: [t.to(p.device, non_blocking=True) for t, p in zip(held, self.params)]
+        anchor = visit(self._anchor) if hp["host_anchor"] else self._anchor
+        outer = visit(self._outer_m) if hp["host_anchor"] and self._outer_m is not None else self._outer_m
         # The matrices' deltas go straight into one stacked buffer per bucket (the projection's input),
         # the rest into plain tensors: one full-size copy instead of two.
         deltas: list[torch.Tensor] = [None] * len(self.params)   # type: ignore[list-item]
@@ -801,19 +899,24 @@ class LoRDO(torch.optim.Optimizer):
             p0 = self.params[b.indices[0]]
             X = p0.new_empty(len(b.indices), *p0.shape)           # the weights' own layout
             for j, i in enumerate(b.indices):
-                deltas[i] = torch.sub(self.params[i], self._anchor[i], out=X[j])
+                deltas[i] = torch.sub(self.params[i], anchor[i], out=X[j])
             stacks.append(X.mT if b.transposed[0] else X)
         for i, d in zip(self.full, torch._foreach_sub([self.params[i] for i in self.full],
-                                                      [self._anchor[i] for i in self.full])):
+                                                      [anchor[i] for i in self.full])):
             deltas[i] = d
         own = [X.clone() for X in stacks] if self.method.projection == "local" or hp["diagnostics"] else None
         self._all_reduce_mean(deltas, "sync")
-        if self._outer_m is not None:   # Nesterov SGD on the outer gradient -Delta
-            torch._foreach_mul_(self._outer_m, hp["outer_momentum"])
-            torch._foreach_sub_(self._outer_m, deltas)
-            torch._foreach_add_(self._anchor, self._outer_m, alpha=-hp["outer_lr"] * hp["outer_momentum"])
-        torch._foreach_add_(self._anchor, deltas, alpha=hp["outer_lr"])
-        torch._foreach_copy_(self.params, self._anchor)
+        if outer is not None:   # Nesterov SGD on the outer gradient -Delta
+            torch._foreach_mul_(outer, hp["outer_momentum"])
+            torch._foreach_sub_(outer, deltas)
+            torch._foreach_add_(anchor, outer, alpha=-hp["outer_lr"] * hp["outer_momentum"])
+        torch._foreach_add_(anchor, deltas, alpha=hp["outer_lr"])
+        torch._foreach_copy_(self.params, anchor)
+        if hp["host_anchor"]:   # back to host memory (no-op pairs on CPU are skipped)
+            pairs = [(h, v) for held, visited in ((self._anchor, anchor), (self._outer_m or [], outer or []))
+                     for h, v in zip(held, visited) if h is not v]
+            if pairs:
+                torch._foreach_copy_([h for h, _ in pairs], [v for _, v in pairs])
         if self.buckets:
             sources = own if self.method.projection == "local" else stacks
             if self._sync_grads is not None:
@@ -878,6 +981,7 @@ class LoRDO(torch.optim.Optimizer):
                                                      for k, v in self.hparams.items()},
             "steps": self.steps, "skipped_steps": self.skipped_steps, "adam_steps": self._adam_steps,
             "refreshes": self.refreshes, "projection_seconds": self.projection_seconds,
+            "comm_seconds": self.comm_seconds,
             "comm_log": {k: list(v) for k, v in self._comm_log.items()}, "names": list(self.names)}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -931,12 +1035,12 @@ class LoRDO(torch.optim.Optimizer):
             b.exp_avg.copy_(torch.stack([state[i]["exp_avg"] for i in b.indices]))
             b.exp_avg_sq.copy_(torch.stack([state[i]["exp_avg_sq"] for i in b.indices]))
             if "Q" in first:
-                b.Q = torch.stack([state[i]["Q"] for i in b.indices]).to(b.exp_avg)
+                b.Q = torch.stack([state[i]["Q"] for i in b.indices]).to(b.work)
             if b.ef is not None:
                 b.ef.copy_(torch.stack([state[i]["error_feedback_accum"] for i in b.indices]))
             if "explored_basis" in first:
-                b.explored = [state[i]["explored_basis"].to(b.exp_avg) for i in b.indices]
-                b.visits = torch.stack([state[i]["visits"] for i in b.indices]).to(b.exp_avg.device, torch.float64)
+                b.explored = [state[i]["explored_basis"].to(b.work) for i in b.indices]
+                b.visits = torch.stack([state[i]["visits"] for i in b.indices]).to(b.work.device, torch.float64)
         if self.method.local:
             for i in range(len(self.params)):
                 self._anchor[i].copy_(state[i]["anchor"])
@@ -945,6 +1049,7 @@ class LoRDO(torch.optim.Optimizer):
         self.steps, self.skipped_steps = meta["steps"], meta["skipped_steps"]
         self._adam_steps, self.refreshes = meta["adam_steps"], meta["refreshes"]
         self.projection_seconds = meta["projection_seconds"]
+        self.comm_seconds = meta.get("comm_seconds", 0.0)      # absent from older checkpoints
         self._comm_log = {k: list(v) for k, v in meta["comm_log"].items()}
 
 

@@ -10,6 +10,10 @@ float64) and exists to check the fast optimizer in `lordo.optim` against it.
 `grad_fn(worker, step, params)` returns worker m's gradient (a dict like `params`) at its current
 parameters; the result is the list of the M workers' parameters after `steps` steps.
 
+With `state_dtype="bfloat16"` every moment and error-feedback buffer is stored as a bfloat16 value
+(`stochastic_round`: the arithmetic stays in the reference's dtype, only what is kept between steps
+is rounded, without bias).
+
 A p x q matrix with p > q is handled as its transpose: every low-rank quantity (Q, E, u, v) is kept
 in the orientation where the projected side comes first, so one code path serves both cases.
 """
@@ -33,6 +37,17 @@ def compute_projection(x: Tensor, r: int) -> Tensor:
     q = torch.linalg.svd(x, full_matrices=False).U[:, :r]
     largest = q.gather(0, q.abs().argmax(dim=0, keepdim=True))
     return q * torch.sign(largest)
+
+
+def stochastic_round(x: Tensor, gen: torch.Generator) -> Tensor:
+    """x as one of its two neighbouring bfloat16 values (in x's dtype), the upper one with probability
+    (x - lower) / (upper - lower): E[result] = x, so rounded sums do not drift."""
+    near = x.to(torch.bfloat16)
+    other = torch.nextafter(near, torch.where(x > near.to(x.dtype), torch.inf, -torch.inf).to(torch.bfloat16))
+    near64, other64 = near.to(x.dtype), other.to(x.dtype)
+    gap = other64 - near64
+    p_other = torch.where(gap != 0, (x - near64) / torch.where(gap != 0, gap, 1), 0)
+    return torch.where(torch.rand(x.shape, generator=gen, dtype=x.dtype) < p_other, other64, near64)
 
 
 def resolve_rank(rank: int | float, shape: torch.Size) -> int:
@@ -63,30 +78,38 @@ class LowRankState:
     k: int = 0  # the moments' step count
 
 
-def adamw_step(w: Tensor, g: Tensor, s: AdamState, lr, betas, eps, weight_decay) -> Tensor:
-    """torch.optim.AdamW: decoupled weight decay, bias-corrected moments."""
+def keep(x: Tensor) -> Tensor:
+    """State stored at full precision: as computed."""
+    return x
+
+
+def adamw_step(w: Tensor, g: Tensor, s: AdamState, lr, betas, eps, weight_decay, store=keep) -> Tensor:
+    """torch.optim.AdamW: decoupled weight decay, bias-corrected moments (kept through `store`)."""
     b1, b2 = betas
     s.t += 1
-    s.m = b1 * s.m + (1 - b1) * g
-    s.v = b2 * s.v + (1 - b2) * g * g
-    denom = torch.sqrt(s.v / (1 - b2**s.t)) + eps
-    update = (s.m / (1 - b1**s.t)) / denom
+    m = b1 * s.m + (1 - b1) * g
+    v = b2 * s.v + (1 - b2) * g * g
+    s.m, s.v = store(m), store(v)         # this step uses m and v as computed, the next what is kept
+    denom = torch.sqrt(v / (1 - b2**s.t)) + eps
+    update = (m / (1 - b1**s.t)) / denom
     return w - lr * (update + weight_decay * w)
 
 
 def lowrank_step(w: Tensor, g_hat: Tensor, s: LowRankState, lr, betas, eps, weight_decay, omega,
-                 error_feedback: bool) -> Tensor:
-    """Spec section 3: low-rank Adam with error feedback plus the full-rank QH term (oriented tensors)."""
+                 error_feedback: bool, store=keep) -> Tensor:
+    """Spec section 3: low-rank Adam with error feedback plus the full-rank QH term (oriented tensors);
+    E, u and v are kept through `store`."""
     b1, b2 = betas
     a = g_hat + s.e if error_feedback else g_hat
     g = s.q.T @ a
     if error_feedback:
-        s.e = a - s.q @ g
+        s.e = store(a - s.q @ g)
     s.k += 1
-    s.u = b1 * s.u + (1 - b1) * g
-    s.v = b2 * s.v + (1 - b2) * g * g
-    d = torch.sqrt(s.v / (1 - b2**s.k)) + eps
-    low = s.q @ ((s.u / (1 - b1**s.k)) / d)
+    u = b1 * s.u + (1 - b1) * g
+    v = b2 * s.v + (1 - b2) * g * g
+    s.u, s.v = store(u), store(v)
+    d = torch.sqrt(v / (1 - b2**s.k)) + eps
+    low = s.q @ ((u / (1 - b1**s.k)) / d)
     full = g_hat / d.mean()
     update = omega * low + (1 - omega) * full
     return w - lr * (update + weight_decay * w)
@@ -97,7 +120,7 @@ def new_lowrank_state(q: Tensor, cols: int) -> LowRankState:
     return LowRankState(q=q, u=q.new_zeros(r, cols), v=q.new_zeros(r, cols), e=q.new_zeros(q.shape[0], cols))
 
 
-def refresh_projection(s: LowRankState, q_new: Tensor, moments_on_refresh: str, betas) -> None:
+def refresh_projection(s: LowRankState, q_new: Tensor, moments_on_refresh: str, betas, store=keep) -> None:
     """Replace Q; E stays as is (it lives in full space); the moments are kept, reset or rotated."""
     b1, b2 = betas
     if moments_on_refresh == "reset":
@@ -106,8 +129,8 @@ def refresh_projection(s: LowRankState, q_new: Tensor, moments_on_refresh: str, 
         c = q_new.T @ s.q
         u_hat = s.u / (1 - b1**s.k)
         var = torch.clamp(s.v / (1 - b2**s.k) - u_hat * u_hat, min=0)
-        s.u = c @ s.u
-        s.v = (1 - b2**s.k) * ((c * c) @ var + (c @ u_hat) ** 2)
+        s.u = store(c @ s.u)
+        s.v = store((1 - b2**s.k) * ((c * c) @ var + (c @ u_hat) ** 2))
     elif moments_on_refresh != "keep":
         raise ValueError(f"moments_on_refresh must be keep, reset or rotate, got {moments_on_refresh!r}")
     s.q = q_new
@@ -136,13 +159,15 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
                     rank: int | float = 0.25, sync_every: int = 1, omega: float | None = None,
                     clip: float | None = None, error_feedback: bool = True,
                     moments_on_refresh: str = "keep", proj_every: int = 1, outer_lr: float = 1.0,
-                    outer_momentum: float = 0.0, proj_source: str = "pseudo_gradient") -> list[Params]:
+                    outer_momentum: float = 0.0, proj_source: str = "pseudo_gradient", state_dtype: str = "float32",
+                    seed: int = 0) -> list[Params]:
     """Train M workers for `steps` steps from identical `init_params`; return each worker's parameters.
 
     `matrices` names the parameters that get the low-rank step (low-rank methods only); every other
     parameter uses AdamW. `omega` defaults to 0.7 for `lordo` and 1 otherwise. `proj_source="gradient"`:
     at a synchronization the infrequent methods compute Q from the clipped gradients of that step (the
-    worker's own for lordo_local, their mean otherwise) instead of from the pseudo-gradients.
+    worker's own for lordo_local, their mean otherwise) instead of from the pseudo-gradients. `state_dtype`
+    "bfloat16" stores moments and error feedback rounded stochastically (random draws from `seed`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; one of {METHODS}")
@@ -151,7 +176,11 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
     lowrank = set(matrices) if method in LOWRANK_METHODS else set()
     transposed = {n: init_params[n].shape[0] > init_params[n].shape[1] for n in lowrank}
     ranks = {n: resolve_rank(rank, init_params[n].shape) for n in lowrank}
-    adam_hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if state_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"state_dtype must be float32 or bfloat16, got {state_dtype!r}")
+    gen = torch.Generator().manual_seed(seed)
+    store = (lambda x: stochastic_round(x, gen)) if state_dtype == "bfloat16" else keep
+    adam_hp = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, store=store)
 
     params = [{n: t.clone() for n, t in init_params.items()} for _ in range(workers)]
     anchor = {n: t.clone() for n, t in init_params.items()}
@@ -165,7 +194,7 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
         x = oriented(source, transposed[n])
         q = compute_projection(x, ranks[n])
         if n in low[m]:
-            refresh_projection(low[m][n], q, moments_on_refresh, betas)
+            refresh_projection(low[m][n], q, moments_on_refresh, betas, store)
         else:
             low[m][n] = new_lowrank_state(q, x.shape[1])
 

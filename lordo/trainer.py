@@ -214,6 +214,7 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
         "comm_bytes": opt.comm_stats()["payload_bytes"], "comm": opt.comm_stats(),
         "optimizer_state_bytes": opt.memory_stats(), "projection_seconds": opt.projection_seconds,
         "skipped_steps": opt.skipped_steps, "wall_s": last["wall_s"], "tokens_per_s": last["tokens_per_s"],
+        "comm_seconds": opt.comm_seconds, "compute_s_per_step": (last["wall_s"] - opt.comm_seconds) / cfg.steps,
         "config_hash": result_hash(cfg, extended), **({"extended_from": extended} if extended else {}),
         "versions": _versions(), "device": str(device),
     })

@@ -1,6 +1,6 @@
 """Every method on a small GPT, as one worker of a group: the same code in threads and processes.
 
-    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT_DIR COMM_DTYPE
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT_DIR COMM_DTYPE STATE_DTYPE
 
 saves each rank's results to OUT_DIR/rank{r}.pt; `run_methods` is what `run_simulated` runs.
 """
@@ -17,13 +17,13 @@ HP = dict(lr=3e-3, rank=4, sync_every=3, proj_every=3, proj_method="randomized",
 STEPS = 7
 
 
-def run_methods(comm, comm_dtype: str) -> dict[str, dict]:
+def run_methods(comm, comm_dtype: str, state_dtype: str) -> dict[str, dict]:
     """Train each method STEPS steps on this worker's own random tokens; return what to compare."""
     torch.set_num_threads(1)
     out = {}
     for method in METHODS:
         model = GPT(CFG, seed=comm.rank)     # different seeds: the optimizer's broadcast must align them
-        opt = make_optimizer(method, model, comm=comm, comm_dtype=comm_dtype, **HP)
+        opt = make_optimizer(method, model, comm=comm, comm_dtype=comm_dtype, state_dtype=state_dtype, **HP)
         gen = torch.Generator().manual_seed(comm.rank)
         for _ in range(STEPS):
             x = torch.randint(0, CFG.vocab_size, (4, 9), generator=gen)
@@ -39,5 +39,5 @@ def run_methods(comm, comm_dtype: str) -> dict[str, dict]:
 
 if __name__ == "__main__":
     comm, _ = init_distributed()
-    torch.save(run_methods(comm, sys.argv[2]), f"{sys.argv[1]}/rank{comm.rank}.pt")
+    torch.save(run_methods(comm, sys.argv[2], sys.argv[3]), f"{sys.argv[1]}/rank{comm.rank}.pt")
     torch.distributed.destroy_process_group()

@@ -13,9 +13,9 @@ from lordo import METHODS, run_simulated
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def torchrun(nproc: int, out: Path, comm_dtype: str) -> list[dict]:
+def torchrun(nproc: int, out: Path, comm_dtype: str, state_dtype: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), str(out), comm_dtype]
+           str(WORKER), str(out), comm_dtype, state_dtype]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1",
                           "PATH": "/usr/bin:/bin", "PYTHONPATH": str(WORKER.parent.parent)})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -30,10 +30,12 @@ def max_relative_difference(a: dict, b: dict) -> float:
 # gloo and of the simulation agree. Four: gloo's chunked ring adds in a chunk-dependent order,
 # and Adam's 1/eps turns such last-bit differences of nearly cancelling sums into ~1e-6 relative
 # parameter differences within a few steps; float64 reductions are exact, hence order-free.
-@pytest.mark.parametrize("workers, comm_dtype", [(2, "float32"), (4, "float64")])
-def test_simulated_equals_torchrun(workers, comm_dtype, tmp_path):
-    real = torchrun(workers, tmp_path, comm_dtype)
-    sim = run_simulated(run_methods, workers, comm_dtype)
+# bfloat16 state: its stochastic rounding draws from (seed, rank, step), the same in both launchers.
+@pytest.mark.parametrize("workers, comm_dtype, state_dtype", [(2, "float32", "float32"), (4, "float64", "float32"),
+                                                              (2, "float32", "bfloat16")])
+def test_simulated_equals_torchrun(workers, comm_dtype, state_dtype, tmp_path):
+    real = torchrun(workers, tmp_path, comm_dtype, state_dtype)
+    sim = run_simulated(run_methods, workers, comm_dtype, state_dtype)
     for method in METHODS:
         for rank in range(workers):
             r, s = real[rank][method], sim[rank][method]

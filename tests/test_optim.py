@@ -174,10 +174,11 @@ def test_memory_accounting_matches_allocated_state():
     assert stats["projection"] == sum(min(p.shape) * 4 for p in matrices) * 4
     rest = n - stats["error_feedback"]
     assert stats["moments"] == 2 * rest + sum(2 * 4 * max(p.shape) * 4 for p in matrices)
-    assert stats["total"] == sum(v for k, v in stats.items() if k != "total")
+    assert stats["total"] == sum(v for k, v in stats.items() if k not in ("total", "device", "host"))
+    assert stats["host"] == stats["total"] and stats["device"] == 0     # a CPU run: all in host memory
     adam = make_optimizer("ddp", GPT(CFG)).memory_stats()
     assert adam == {"moments": 2 * n, "projection": 0, "error_feedback": 0, "anchor": 0, "outer_momentum": 0,
-                    "total": 2 * n}
+                    "total": 2 * n, "device": 0, "host": 2 * n}
 
 
 @pytest.mark.parametrize("method", PROJ_METHODS)
