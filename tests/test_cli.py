@@ -32,6 +32,14 @@ NANO = dict(preset="nano", workers=2, batch_size=2, seq_len=32, rank=4, sync_eve
 TIMING = ("wall_s", "tokens_per_s")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def prepared_corpus():
+    """The smoke runs' corpus and tokenizer, prepared once: on a fresh clone the first preparation prints its
+    progress, which is not what the one-line error tests read."""
+    from lordo.data import prepare
+    prepare("shakespeare", "bpe", TrainConfig().vocab_size)
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     """`lordo ARGV` in this process: its exit status and stderr."""
     with pytest.raises(SystemExit) as done:
@@ -39,8 +47,15 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str]:
     return done.value.code, capsys.readouterr().err
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as in a terminal's foreground job. A test runner started in the background by a
+    non-interactive shell has it ignored, and the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lordo.cli", *args], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "lordo.cli", *args], preexec_fn=default_sigint,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
 

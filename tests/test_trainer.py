@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 NANO = dict(preset="nano", workers=2, steps=8, batch_size=2, seq_len=32, rank=4, sync_every=3, lr=3e-3,
             warmup=2, eval_every=4, eval_batches=2, log_every=2, progress=False)
-TIMING = ("wall_s", "tokens_per_s", "projection_seconds")
+TIMING = ("wall_s", "tokens_per_s", "projection_seconds", "comm_seconds", "compute_s_per_step")
 
 
 def metrics(run) -> list[dict]:
