@@ -859,8 +859,9 @@ class LoRDO(torch.optim.Optimizer):
         ef_norm = torch.linalg.matrix_norm(b.ef).tolist() if b.ef is not None else none
         if b.explored is None:
             b.explored = [None] * len(b.indices)
-            b.visits = torch.zeros(len(b.indices), b.shape[0], b.shape[0], dtype=torch.float64, device=Q_new.device)
-        b.visits.baddbmm_(Q_new.double(), Q_new.double().mT)
+            # float32, like the explored basis: p x p per matrix is the diagnostics' largest state on a GPU
+            b.visits = torch.zeros(len(b.indices), b.shape[0], b.shape[0], dtype=torch.float32, device=Q_new.device)
+        b.visits.baddbmm_(Q_new.float(), Q_new.float().mT)
         ranks = visited_rank(b.visits).tolist()
         source_norm = torch.linalg.matrix_norm(X).tolist()
         for j, i in enumerate(b.indices):
@@ -1040,7 +1041,7 @@ class LoRDO(torch.optim.Optimizer):
                 b.ef.copy_(torch.stack([state[i]["error_feedback_accum"] for i in b.indices]))
             if "explored_basis" in first:
                 b.explored = [state[i]["explored_basis"].to(b.work) for i in b.indices]
-                b.visits = torch.stack([state[i]["visits"] for i in b.indices]).to(b.work.device, torch.float64)
+                b.visits = torch.stack([state[i]["visits"] for i in b.indices]).to(b.work.device, torch.float32)
         if self.method.local:
             for i in range(len(self.params)):
                 self._anchor[i].copy_(state[i]["anchor"])
