@@ -183,12 +183,17 @@ def test_a_second_writer_is_refused_naming_the_first(tmp_path, capsys):
 SIM = [*SMOKE, "--steps", "100", "--checkpoint-every", "4"]
 
 
-@pytest.fixture(scope="module")
-def sim_straight(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sim") / "straight"
-    done = finish("train", *SIM, "--out", str(out))
+def uninterrupted(tmp_path_factory, name: str, args: list[str]) -> Path:
+    """The run the interrupted ones must end equal to."""
+    out = tmp_path_factory.mktemp(name) / "straight"
+    done = finish("train", *args, "--out", str(out))
     assert done.returncode == 0, done.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def sim_straight(tmp_path_factory) -> Path:
+    return uninterrupted(tmp_path_factory, "sim", SIM)
 
 
 @pytest.mark.parametrize("how", ["sigint", "kill -9"])
@@ -220,10 +225,7 @@ TORCHRUN = [*SMOKE, "--launcher", "torchrun", "--steps", "120", "--checkpoint-ev
 
 @pytest.fixture(scope="module")
 def torchrun_straight(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("torchrun") / "straight"
-    done = finish("train", *TORCHRUN, "--out", str(out))
-    assert done.returncode == 0, done.stderr
-    return out
+    return uninterrupted(tmp_path_factory, "torchrun", TORCHRUN)
 
 
 @pytest.mark.parametrize("how", ["sigint", "kill -9 a rank"])
