@@ -12,7 +12,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: env test lint reproduce paper lab bench clean
+.PHONY: env test lint reproduce sweep paper lab bench clean
 
 env: $(STAMP)
 
@@ -35,6 +35,11 @@ test: lint
 reproduce: env
 	$(BIN)/python -m lordo.reproduce --preset $(PRESET)
 
+# Recompute notebook 05's cached lr sweep at the claim-4 regime (sweeps/<preset>/; about an hour on the cpu preset;
+# runs already in runs/ are reused). `make reproduce` reads the committed tables instead.
+sweep: env
+	$(BIN)/python -m lordo.sweep --preset $(PRESET) --recompute
+
 paper: PRESET = paper
 paper: reproduce
 
@@ -46,7 +51,8 @@ bench: env
 	$(BIN)/python benchmarks/optimizer_step.py
 	$(BIN)/python benchmarks/trainer_throughput.py
 
-# Removes executed notebooks, result tables and tool caches; never the cached runs (runs/) or prepared data (data/cache/).
+# Removes executed notebooks, result tables and tool caches; never the cached runs (runs/), the cached sweeps (sweeps/)
+# or prepared data (data/cache/).
 clean:
 	rm -rf results .pytest_cache .ruff_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -12,6 +12,7 @@ projection-noise measurements, which are not runs, are cached beside them in run
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import json
 import math
@@ -58,6 +59,7 @@ def _ablations() -> dict[str, Any]:
     return ABLATIONS
 
 
+_TRAIN_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _RANK = "an int >= 1 or a float fraction of min(p, q) in (0, 1]"
 CHECKS: dict[str, tuple[Any, str]] = {
     "preset": (lambda v: v in PRESETS, f"one of {list(PRESETS)}"),
@@ -76,6 +78,13 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "gap_steps": (lambda v: v is None or _int(1)(v), "None (the config files' steps) or an int >= 1"),
     "gap_batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1 that divide steps x batch_size"),
     "gap_sync_everys": (_list(_int(1)), "a non-empty list of ints >= 1"),
+    "gap_workers": (_list(_int(1)), "a non-empty list of ints >= 1 that divide workers x batch_size"),
+    "regime": (lambda v: v is None or isinstance(v, dict) and set(v) <= _TRAIN_CONFIG_FIELDS,
+               "None or {TrainConfig field: value} (the claim-4 regime's changes to the shared point)"),
+    "lrs": (_list(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf),
+            "a non-empty list of learning rates, each a number > 0"),
+    "sweep_methods": (_list(lambda v: v in METHODS), f"a non-empty list of {list(METHODS)}"),
+    "sweep_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
     "ablations": (lambda v: isinstance(v, list | tuple) and all(a in _ablations() for a in v),
                   "a list of names in lordo.diagnosis.ABLATIONS"),
     "downstream_tasks": (lambda v: v is None or isinstance(v, str) and v.strip() != "",
@@ -118,6 +127,12 @@ def check_params(**params: Any) -> dict[str, Any]:
                     raise ValueError(f"parameter {name}={params[name]!r} is invalid for preset {preset}: allowed ints "
                                      f"in [1, {min_side(preset)}] (its smallest matrix side) or fractions in (0, 1]")
     overrides = params.get("ladder_overrides") or {}
+    if params.get("regime"):
+        for method in params.get("sweep_methods") or ["lordo"]:
+            try:
+                run_config(params, method, **params["regime"])
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"parameter regime={params['regime']!r} gives no valid {method} run: {e}") from None
     for preset in presets:   # the shared fields must make a valid run of every method (config_dir files exist)
         for method in params.get("methods") or ["lordo"]:
             try:

@@ -67,6 +67,17 @@ def equal_tokens(P: dict[str, Any], batch_size: int) -> dict[str, int]:
             "eval_batches": max(1, (shared.eval_batches or 1) * b // batch_size)}
 
 
+def fixed_total_batch(P: dict[str, Any], workers: int) -> dict[str, int]:
+    """Overrides that split the shared point's M*B sequences per step over `workers` workers instead (same
+    tokens, steps and validation windows): the per-worker batch shrinks as M grows."""
+    shared = run_config(P, "lordo")
+    total = shared.workers * shared.batch_size
+    if total % workers:
+        raise ValueError(f"workers={workers} does not divide the shared point's {total} sequences per step "
+                         f"(M*B = {shared.workers} x {shared.batch_size})")
+    return {"workers": workers, "batch_size": total // workers}
+
+
 def labelled(runs: list, labels: list[str], **columns: list[Any]) -> pd.DataFrame:
     """`analysis.summaries` with a `variant` column (and any other per-run columns given as lists)."""
     return summaries(runs).assign(variant=labels, **columns)
@@ -116,6 +127,28 @@ def trend_word(t: dict[str, Any], tolerance: float = TREND_TOLERANCE_PCT) -> str
     if -tolerance <= t["change_lo"] and t["change_hi"] <= tolerance:
         return "settled"
     return "unsettled"
+
+
+def with_heldout_final(trend: dict[str, Any], heldout: dict[str, Any]) -> dict[str, Any]:
+    """A gap trend (measured on the validation windows that selected the lrs) whose final gap is the held-out
+    one (`analysis.paired_gap` of held-out perplexities), so the verdict reports numbers the selection never saw."""
+    return trend | {"final": heldout["mean"], "final_lo": heldout["lo"], "final_hi": heldout["hi"],
+                    "seeds": min(trend["seeds"], heldout["n"])}
+
+
+def ranking(curves: pd.DataFrame, by: str = "variant") -> pd.DataFrame:
+    """At every evaluation all groups share: the groups ordered by mean validation perplexity (best first),
+    and whether that order still holds at every later evaluation (`final`)."""
+    c = curves[curves["val_ppl"].notna() & (curves["tokens"] > 0)]
+    mean = c.groupby(["tokens", by])["val_ppl"].mean().unstack().dropna()
+    orders = [" < ".join(row.sort_values().index) for _, row in mean.iterrows()]
+    final = [all(o == later for later in orders[i:]) for i, o in enumerate(orders)]
+    return pd.DataFrame({"tokens": mean.index.to_numpy(), "order": orders, "final": final})
+
+
+def settled_since(ranks: pd.DataFrame) -> int:
+    """Tokens from which the ranking of `ranking` no longer changed."""
+    return int(ranks.loc[ranks["final"], "tokens"].min())
 
 
 def claim4_verdict(t: dict[str, Any], threshold: float = GAP_THRESHOLD_PCT) -> str:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lordo import diagnosis
-from lordo.analysis import check_params
+from lordo.analysis import check_params, run_config
 
 P = check_params(preset="tiny", workers=4, steps=64, batch_size=4, seq_len=32, lr=3e-3, sync_every=8, proj_every=8,
                  rank=4, eval_every=16, eval_batches=2, seeds=[0, 1], sweep_seeds=[0], launcher="sim",
@@ -93,3 +93,35 @@ def test_one_seed_is_never_a_verdict():
     t = diagnosis.gap_trend(gaps)
     assert t["seeds"] == 1 and not math.isnan(t["final"])
     assert diagnosis.claim4_verdict(t) == "inconclusive (one seed)"
+
+
+def test_fixed_total_batch_splits_the_same_sequences():
+    for workers in (1, 2, 8, 16):
+        o = diagnosis.fixed_total_batch(P, workers)
+        c = run_config(P, "lordo", **o)
+        assert c.workers == workers and c.tokens_per_step == 4 * 4 * 32 and c.steps == P["steps"]
+    assert run_config(P, "lordo", **diagnosis.fixed_total_batch(P, 4)).hash() == \
+        run_config(P, "lordo").hash()
+    with pytest.raises(ValueError, match="workers=3 does not divide"):
+        diagnosis.fixed_total_batch(P, 3)
+
+
+def ranked_curves(ppl: dict[str, list[float]], tokens=(0, 100, 200, 300)) -> pd.DataFrame:
+    return pd.DataFrame([{"variant": v, "seed": 0, "tokens": t, "val_ppl": x}
+                         for v, xs in ppl.items() for t, x in zip(tokens, [900.0, *xs])])
+
+
+def test_ranking_finds_when_the_order_stopped_changing():
+    r = diagnosis.ranking(ranked_curves({"a": [300, 200, 150], "b": [250, 210, 160], "c": [400, 300, 250]}))
+    assert list(r["order"]) == ["b < a < c", "a < b < c", "a < b < c"]   # step 0 (all equal) is left out
+    assert list(r["final"]) == [False, True, True] and diagnosis.settled_since(r) == 200
+    flips_last = diagnosis.ranking(ranked_curves({"a": [300, 200, 170], "b": [250, 210, 160]}))
+    assert diagnosis.settled_since(flips_last) == 300
+
+
+def test_heldout_final_replaces_the_trends_final_gap():
+    trend = {"final": 5.0, "final_lo": 4.0, "final_hi": 6.0, "change": 0.1, "change_lo": -0.5, "change_hi": 0.6,
+             "seeds": 3, "mid_tokens": 100, "last_tokens": 200}
+    held = diagnosis.with_heldout_final(trend, {"mean": 0.4, "lo": 0.1, "hi": 0.7, "n": 3})
+    assert (held["final"], held["final_lo"], held["final_hi"], held["change"]) == (0.4, 0.1, 0.7, 0.1)
+    assert diagnosis.claim4_verdict(held) == "supported" and diagnosis.claim4_verdict(trend).startswith("not")

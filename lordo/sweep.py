@@ -1,0 +1,176 @@
+"""Each method at its own learning rate, in the regime where claim 4 can hold (notebook 05).
+
+The regime is the notebook's shared point with `regime`'s fields in place of its own (on the cpu preset: the
+block-heavy `blocks` model, 16 sequences per worker, 256 steps). Every method of `sweep_methods` trains at each
+of the log-spaced `lrs` (`sweep_seeds`); each method's lr is the one with the lowest mean validation loss,
+measured on the validation windows the runs evaluate during training; that lr then trains every seed of
+`seeds`, and every run is reported on held-out validation windows that neither training nor the selection read
+(the ones after them). LoRDO with one worker on all M*B sequences, at LoRDO's lr, separates the optimizer's
+own share of the gap from the local-update penalty.
+
+    python -m lordo.sweep                    # recompute the cpu preset's tables (`make sweep`)
+    python -m lordo.sweep --preset smoke     # the notebooks' smoke sizes, in a minute
+
+Training ~13 runs takes about an hour on two CPU cores, so the tables are cached in `sweep_dir` (committed for
+the cpu preset, so `make reproduce` reads them) under the config hashes of the grid; a changed grid, or
+`--recompute`, trains what is missing (runs stay cached in runs/) and rewrites them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lordo.analysis import check_params, curves, load_run_model, repo_path, run_config, summaries, train_all
+from lordo.config import TrainConfig
+from lordo.data import prepare, val_windows
+from lordo.files import write_atomic, write_json
+from lordo.runs import Run
+
+HELDOUT_FACTOR = 4      # held-out windows: up to 4x the windows the selection reads, as the split allows
+TABLES = ("runs", "curves")
+ONE_WORKER = "lordo, M = 1"   # the control run's label in the `variant` column
+
+
+def regime_config(P: dict[str, Any], method: str, **overrides: Any) -> TrainConfig:
+    """A run at the regime: the shared point, then P["regime"]'s fields, then `overrides`."""
+    return run_config(P, method, **{**(P.get("regime") or {}), **overrides})
+
+
+def grid(P: dict[str, Any]) -> list[TrainConfig]:
+    return [regime_config(P, m, lr=lr, seed=s) for m in P["sweep_methods"] for lr in P["lrs"]
+            for s in P["sweep_seeds"]]
+
+
+def select_lr(table: pd.DataFrame) -> dict[str, float]:
+    """Each method's lr with the lowest mean validation loss over its sweep seeds (ties: the smaller lr)."""
+    mean = table.groupby(["method", "lr"])["val_loss"].mean().reset_index().sort_values(["method", "val_loss", "lr"])
+    return {m: float(g["lr"].iloc[0]) for m, g in mean.groupby("method")}
+
+
+def finals(P: dict[str, Any], chosen: dict[str, float]) -> list[tuple[str, TrainConfig]]:
+    """(variant, config): every method at its chosen lr for every seed, and LoRDO on one worker (M*B sequences)."""
+    out = [(m, regime_config(P, m, lr=chosen[m], seed=s)) for m in P["sweep_methods"] for s in P["seeds"]]
+    if "lordo" in chosen:
+        base = regime_config(P, "lordo")
+        out += [(ONE_WORKER, regime_config(P, "lordo", lr=chosen["lordo"], seed=s, workers=1,
+                                           batch_size=base.workers * base.batch_size)) for s in P["seeds"]]
+    return out
+
+
+def selection_windows(c: TrainConfig) -> int:
+    """How many validation windows (the first ones) a run's evaluations read during training."""
+    if c.eval_batches is None:
+        raise ValueError(f"eval_batches=None evaluates on the whole validation split, leaving no held-out windows "
+                         f"for run {c.hash()}: allowed an int >= 1")
+    return c.eval_batches * c.batch_size * c.workers
+
+
+@torch.no_grad()
+def heldout_loss(run: Run, device: torch.device | None = None) -> tuple[float, int]:
+    """Mean token loss of the run's final model on the held-out windows, and their number of tokens."""
+    c = run.config
+    data = prepare(c.corpus, c.tokenizer, c.vocab_size, max_tokens=c.corpus_tokens)
+    skip = selection_windows(c)
+    tokens = data.val[skip * c.seq_len:(skip + HELDOUT_FACTOR * skip) * c.seq_len + 1]
+    if (len(tokens) - 1) // c.seq_len < 1:
+        raise ValueError(f"the validation split ({len(data.val):,} tokens) has no windows after the {skip} that "
+                         f"run {run.dir.name} evaluates on: use a smaller eval_batches")
+    device = device or torch.device("cpu")
+    model = load_run_model(run, data.vocab_size, device).eval()
+    total, count = 0.0, 0
+    for x, y in val_windows(tokens, c.seq_len, batch_size=32):
+        _, loss = model(x.to(device), y.to(device))
+        total, count = total + loss.double().item() * y.numel(), count + y.numel()
+    return total / count, count
+
+
+def _table(runs: list[Run], variants: list[str], stage: str) -> pd.DataFrame:
+    rows = summaries(runs).assign(variant=variants, stage=stage, lr=[r.config.lr for r in runs],
+                                  config_hash=[r.config.hash() for r in runs])
+    held = [heldout_loss(r) for r in runs]
+    return rows.assign(heldout_loss=[h for h, _ in held], heldout_ppl=[math.exp(h) for h, _ in held],
+                       heldout_tokens=[n for _, n in held])
+
+
+def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Train the grid, select, train the finals and the one-worker control; every run with its held-out loss."""
+    configs = grid(P)
+    runs = train_all(configs, desc="lr sweep")
+    table = _table(runs, [c.method for c in configs], "grid")
+    chosen = select_lr(table)
+    done = {c.hash() for c in configs}
+    todo = [(v, c) for v, c in finals(P, chosen) if c.hash() not in done]
+    final_runs = train_all([c for _, c in todo], desc="chosen lr, every seed")
+    table = pd.concat([table, _table(final_runs, [v for v, _ in todo], "seeds")], ignore_index=True)
+    table["selected"] = table["lr"] == table["method"].map(chosen)
+    chosen_runs = [r for r, sel in zip([*runs, *final_runs], table["selected"]) if sel]
+    variant = dict(zip(table["run"], table["variant"]))
+    curve = curves(chosen_runs)
+    return {"runs": table, "curves": curve.assign(variant=curve["run"].map(variant))}
+
+
+def cache_key(P: dict[str, Any]) -> dict[str, Any]:
+    return {"grid": [c.hash() for c in grid(P)], "seeds": list(P["seeds"]), "heldout_factor": HELDOUT_FACTOR}
+
+
+def lr_sweep(P: dict[str, Any], recompute: bool = False) -> dict[str, pd.DataFrame]:
+    """The sweep's tables ({"runs", "curves"}), read from P["sweep_dir"] when cached for this grid, else computed
+    and written there (atomically; the key file last, so a partial write is recomputed)."""
+    folder = repo_path(P["sweep_dir"])
+    key_file = folder / "lr_sweep.json"
+    key = cache_key(P)
+    if not recompute and key_file.is_file() and json.loads(key_file.read_text()) == key:
+        return {name: pd.read_csv(folder / f"lr_sweep_{name}.csv") for name in TABLES}
+    tables = compute(P)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, df in tables.items():
+        write_atomic(folder / f"lr_sweep_{name}.csv", lambda f, df=df: df.to_csv(f, index=False))
+    write_json(key_file, key)
+    return tables
+
+
+def lr_profile(table: pd.DataFrame) -> pd.DataFrame:
+    """Validation and held-out perplexity against lr per method (mean over the grid's seeds), the chosen lr marked,
+    and whether it lies at the grid's edge (then the grid should be widened)."""
+    grid_rows = table[table["stage"] == "grid"]
+    out = grid_rows.groupby(["method", "lr"], as_index=False)[["val_ppl", "heldout_ppl"]].mean()
+    chosen = select_lr(grid_rows)
+    lrs = np.sort(grid_rows["lr"].unique())
+    out["chosen"] = out["lr"] == out["method"].map(chosen)
+    out["at_edge"] = out["chosen"] & out["lr"].isin([lrs[0], lrs[-1]])
+    return out
+
+
+PARAMS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_every", "proj_every", "rank",
+          "eval_every", "eval_batches", "launcher", "config_dir", "seeds", "sweep_seeds", "regime", "lrs",
+          "sweep_methods", "sweep_dir")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from lordo.reproduce import load_preset
+
+    parser = argparse.ArgumentParser(prog="python -m lordo.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu", help="notebooks/params/<preset>.yaml or a .yaml path (default cpu)")
+    parser.add_argument("--recompute", action="store_true", help="recompute even when the cached tables match")
+    args = parser.parse_args(argv)
+    values = load_preset(args.preset)
+    try:
+        P = check_params(**{k: values.get(k) for k in PARAMS})
+    except ValueError as e:
+        print(f"lordo.sweep: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    tables = lr_sweep(P, recompute=args.recompute)
+    print(lr_profile(tables["runs"]).to_string(index=False))
+    print(f"tables in {repo_path(P['sweep_dir'])}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Each method at its own lr (lordo.sweep): selection on validation, report on held-out windows, the cache."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lordo import sweep
+from lordo.analysis import check_params
+from lordo.data import prepare
+from lordo.evaluate import load_model
+from lordo.runs import Run
+
+REGIME = {"preset": "nano", "batch_size": 2, "steps": 4, "eval_every": 2, "eval_batches": 1}
+
+
+def params(tmp_path, **changes):
+    return check_params(**{
+        "preset": "tiny", "workers": 2, "steps": 8, "batch_size": 1, "seq_len": 32, "lr": 3e-3, "sync_every": 2,
+        "proj_every": 2, "rank": 4, "eval_every": 4, "eval_batches": 2, "launcher": "sim", "config_dir": None,
+        "seeds": [0, 1], "sweep_seeds": [0], "regime": REGIME, "lrs": [1e-3, 1e-2],
+        "sweep_methods": ["lowrank_ddp", "lordo"], "sweep_dir": str(tmp_path / "sweeps")} | changes)
+
+
+def grid_table(losses: dict[tuple[str, float], list[float]]) -> pd.DataFrame:
+    return pd.DataFrame([{"method": m, "lr": lr, "seed": s, "val_loss": x, "val_ppl": np.exp(x),
+                          "heldout_ppl": np.exp(x), "stage": "grid"}
+                         for (m, lr), xs in losses.items() for s, x in enumerate(xs)])
+
+
+def test_select_lr_takes_the_lowest_mean_validation_loss_and_the_smaller_lr_on_ties():
+    t = grid_table({("a", 1e-3): [5.0, 5.0], ("a", 1e-2): [4.0, 6.2], ("b", 1e-3): [4.0, 4.0], ("b", 3e-3): [4.0, 4.0],
+                    ("b", 1e-2): [4.5, 4.5]})
+    assert sweep.select_lr(t) == {"a": 1e-3, "b": 1e-3}
+    profile = sweep.lr_profile(t).set_index(["method", "lr"])
+    assert profile["chosen"].sum() == 2 and profile.loc[("a", 1e-3), "at_edge"]
+    inside = grid_table({("a", 1e-3): [5.0], ("a", 3e-3): [4.0], ("a", 1e-2): [4.5]})
+    assert not sweep.lr_profile(inside)["at_edge"].any()
+
+
+def test_finals_run_every_seed_at_the_chosen_lr_and_one_worker_on_all_sequences(tmp_path):
+    P = params(tmp_path)
+    out = sweep.finals(P, {"lowrank_ddp": 1e-2, "lordo": 1e-3})
+    by = {(v, c.seed): c for v, c in out}
+    assert len(out) == 6 and {c.preset for _, c in out} == {"nano"}
+    assert by[("lordo", 1)].lr == 1e-3 and by[("lowrank_ddp", 0)].lr == 1e-2
+    one = by[(sweep.ONE_WORKER, 1)]
+    assert (one.workers, one.batch_size, one.lr) == (1, 4, 1e-3)
+    assert one.tokens_per_step == by[("lordo", 1)].tokens_per_step and one.steps == by[("lordo", 1)].steps
+    assert sweep.grid(P)[0].hash() == sweep.regime_config(P, "lowrank_ddp", lr=1e-3, seed=0).hash()
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORDO_RUNS_DIR", str(tmp / "runs"))
+        P = params(tmp)
+        yield P, sweep.lr_sweep(P), tmp
+
+
+def test_heldout_windows_follow_the_selection_windows_and_match_a_direct_computation(swept):
+    P, tables, tmp = swept
+    runs = tables["runs"]
+    assert set(runs["variant"]) == {"lowrank_ddp", "lordo", sweep.ONE_WORKER}
+    assert len(runs) == 4 + 2 + 2   # the grid, seed 1 of each method at its lr, both seeds of the control
+    row = runs.iloc[0]
+    run = Run.load(tmp / "runs" / row["run"])
+    c = run.config
+    skip = sweep.selection_windows(c)
+    assert skip == c.eval_batches * c.batch_size * c.workers
+    data = prepare(c.corpus, c.tokenizer, c.vocab_size)
+    model = load_model(run.dir).eval()
+    n = min(sweep.HELDOUT_FACTOR * skip, (len(data.val) - 1) // c.seq_len - skip)
+    starts = (skip + np.arange(n)) * c.seq_len
+    x = torch.from_numpy(np.stack([data.val[s:s + c.seq_len] for s in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data.val[s + 1:s + c.seq_len + 1] for s in starts]).astype(np.int64))
+    with torch.no_grad():
+        logits, _ = model(x)
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), y.reshape(-1)).item()
+    assert row["heldout_tokens"] == n * c.seq_len
+    assert row["heldout_loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_cache_is_read_for_the_same_grid_and_recomputed_for_another(swept, monkeypatch):
+    P, tables, tmp = swept
+    monkeypatch.setenv("LORDO_RUNS_DIR", str(tmp / "runs"))
+    monkeypatch.setattr(sweep, "compute", lambda P: pytest.fail("the cached tables were not read"))
+    again = sweep.lr_sweep(P)
+    pd.testing.assert_frame_equal(again["runs"], tables["runs"], check_dtype=False)
+    calls = []
+    monkeypatch.setattr(sweep, "compute", lambda P: calls.append(P) or tables)
+    sweep.lr_sweep(params(tmp, lrs=[1e-3, 3e-3]))
+    sweep.lr_sweep(P, recompute=True)
+    assert len(calls) == 2
+
+
+def test_cli_rejects_a_bad_parameter_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tiny\nlrs: [0]\nsweep_methods: [lordo]\nsweep_dir: x\nseeds: [0]\nsweep_seeds: [0]\n")
+    out = subprocess.run([sys.executable, "-m", "lordo.sweep", "--preset", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["lordo.sweep: parameter lrs=[0] is invalid: allowed a non-empty list "
+                                               "of learning rates, each a number > 0"]
