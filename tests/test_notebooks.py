@@ -24,8 +24,8 @@ def parameters(path: Path) -> dict:
     return papermill.inspect_notebook(str(path))
 
 
-def test_six_notebooks_and_three_presets():
-    assert [p.stem.split("_")[0] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05"]
+def test_seven_notebooks_and_three_presets():
+    assert [p.stem.split("_")[0] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05", "06"]
     assert set(PRESETS) == {"smoke", "cpu", "paper"}
 
 
