@@ -2,7 +2,8 @@
 
 The regime is the notebook's shared point with `regime`'s fields in place of its own (on the cpu preset: the
 block-heavy `blocks` model, 16 sequences per worker, 256 steps). Every method of `sweep_methods` trains at each
-of the log-spaced `lrs` (`sweep_seeds`); each method's lr is the one with the lowest mean validation loss,
+of the log-spaced `lrs` (`sweep_seeds`), and while a method's best lr lies at the edge of those it tried, one more
+beyond that edge (at most MAX_EXTENSIONS); each method's lr is the one with the lowest mean validation loss,
 measured on the validation windows the runs evaluate during training; that lr then trains every seed of
 `seeds`, and every run is reported on held-out validation windows that neither training nor the selection read
 (the ones after them). LoRDO with one worker on all M*B sequences, at LoRDO's lr, separates the optimizer's
@@ -24,7 +25,6 @@ import math
 import sys
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -34,6 +34,7 @@ from lordo.data import prepare, val_windows
 from lordo.files import write_atomic, write_json
 from lordo.runs import Run
 
+MAX_EXTENSIONS = 2      # lrs tried beyond the grid's edge per method, one at a time, while the best lies at the edge
 HELDOUT_FACTOR = 4      # held-out windows: up to 4x the windows the selection reads, as the split allows
 TABLES = ("runs", "curves")
 ONE_WORKER = "lordo, M = 1"   # the control run's label in the `variant` column
@@ -53,6 +54,16 @@ def select_lr(table: pd.DataFrame) -> dict[str, float]:
     """Each method's lr with the lowest mean validation loss over its sweep seeds (ties: the smaller lr)."""
     mean = table.groupby(["method", "lr"])["val_loss"].mean().reset_index().sort_values(["method", "val_loss", "lr"])
     return {m: float(g["lr"].iloc[0]) for m, g in mean.groupby("method")}
+
+
+def next_lr(tried: list[float], best: float) -> float | None:
+    """The lr one step beyond the edge where `best` lies (the spacing of the two nearest tried lrs, rounded to one
+    significant digit: 1e-3, 3e-3, 1e-2 continue with 3e-2 and 3e-4), or None when `best` lies inside."""
+    tried = sorted(set(tried))
+    if len(tried) < 2 or tried[0] < best < tried[-1]:
+        return None
+    near, next_near = (tried[-1], tried[-2]) if best == tried[-1] else (tried[0], tried[1])
+    return float(f"{near * near / next_near:.1g}")
 
 
 def finals(P: dict[str, Any], chosen: dict[str, float]) -> list[tuple[str, TrainConfig]]:
@@ -105,6 +116,16 @@ def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
     configs = grid(P)
     runs = train_all(configs, desc="lr sweep")
     table = _table(runs, [c.method for c in configs], "grid")
+    for _ in range(MAX_EXTENSIONS):
+        chosen = select_lr(table)
+        beyond = [(m, x) for m in P["sweep_methods"]
+                  if (x := next_lr(table.loc[table["method"] == m, "lr"].tolist(), chosen[m])) is not None]
+        if not beyond:
+            break
+        more = [regime_config(P, m, lr=x, seed=s) for m, x in beyond for s in P["sweep_seeds"]]
+        runs += train_all(more, desc="lr sweep, beyond the edge")
+        configs += more
+        table = pd.concat([table, _table(runs[-len(more):], [c.method for c in more], "grid")], ignore_index=True)
     chosen = select_lr(table)
     done = {c.hash() for c in configs}
     todo = [(v, c) for v, c in finals(P, chosen) if c.hash() not in done]
@@ -139,13 +160,13 @@ def lr_sweep(P: dict[str, Any], recompute: bool = False) -> dict[str, pd.DataFra
 
 def lr_profile(table: pd.DataFrame) -> pd.DataFrame:
     """Validation and held-out perplexity against lr per method (mean over the grid's seeds), the chosen lr marked,
-    and whether it lies at the grid's edge (then the grid should be widened)."""
+    and whether it still lies at the edge of the lrs its method tried (then the sweep should go further)."""
     grid_rows = table[table["stage"] == "grid"]
     out = grid_rows.groupby(["method", "lr"], as_index=False)[["val_ppl", "heldout_ppl"]].mean()
-    chosen = select_lr(grid_rows)
-    lrs = np.sort(grid_rows["lr"].unique())
-    out["chosen"] = out["lr"] == out["method"].map(chosen)
-    out["at_edge"] = out["chosen"] & out["lr"].isin([lrs[0], lrs[-1]])
+    out["chosen"] = out["lr"] == out["method"].map(select_lr(grid_rows))
+    edges = out.groupby("method")["lr"].agg(["min", "max"])
+    out["at_edge"] = out["chosen"] & ((out["lr"] == out["method"].map(edges["min"]))
+                                      | (out["lr"] == out["method"].map(edges["max"])))
     return out
 
 

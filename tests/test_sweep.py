@@ -38,8 +38,17 @@ def test_select_lr_takes_the_lowest_mean_validation_loss_and_the_smaller_lr_on_t
     assert sweep.select_lr(t) == {"a": 1e-3, "b": 1e-3}
     profile = sweep.lr_profile(t).set_index(["method", "lr"])
     assert profile["chosen"].sum() == 2 and profile.loc[("a", 1e-3), "at_edge"]
-    inside = grid_table({("a", 1e-3): [5.0], ("a", 3e-3): [4.0], ("a", 1e-2): [4.5]})
-    assert not sweep.lr_profile(inside)["at_edge"].any()
+    inside = grid_table({("a", 1e-3): [5.0], ("a", 3e-3): [4.0], ("a", 1e-2): [4.5], ("b", 3e-2): [4.0],
+                         ("b", 1e-2): [4.1]})
+    assert sweep.lr_profile(inside).set_index("method")["at_edge"].groupby("method").any().to_dict() == \
+        {"a": False, "b": True}   # edges per method: b tried 1e-2 and 3e-2 only
+
+
+def test_next_lr_continues_the_spacing_beyond_the_edge_of_the_best():
+    assert sweep.next_lr([1e-3, 3e-3, 1e-2], 1e-2) == 0.03
+    assert sweep.next_lr([1e-3, 3e-3, 1e-2], 1e-3) == 0.0003
+    assert sweep.next_lr([1e-3, 3e-3, 1e-2, 3e-2], 3e-2) == 0.09
+    assert sweep.next_lr([1e-3, 3e-3, 1e-2], 3e-3) is None and sweep.next_lr([1e-3], 1e-3) is None
 
 
 def test_finals_run_every_seed_at_the_chosen_lr_and_one_worker_on_all_sequences(tmp_path):
@@ -67,7 +76,16 @@ def test_heldout_windows_follow_the_selection_windows_and_match_a_direct_computa
     P, tables, tmp = swept
     runs = tables["runs"]
     assert set(runs["variant"]) == {"lowrank_ddp", "lordo", sweep.ONE_WORKER}
-    assert len(runs) == 4 + 2 + 2   # the grid, seed 1 of each method at its lr, both seeds of the control
+    grid_rows = runs[runs["stage"] == "grid"]
+    for m, g in grid_rows.groupby("method"):   # the grid, then one lr beyond its edge while the best lies there
+        tried = g["lr"].tolist()   # in the order trained
+        assert tried[:2] == [1e-3, 1e-2] and len(tried) <= 2 + sweep.MAX_EXTENSIONS
+        for k in range(2, len(tried)):
+            best = sweep.select_lr(g[g["lr"].isin(tried[:k])])[m]
+            assert tried[k] == sweep.next_lr(tried[:k], best)
+        if len(tried) < 2 + sweep.MAX_EXTENSIONS:
+            assert sweep.next_lr(tried, sweep.select_lr(g)[m]) is None
+    assert len(runs) == len(grid_rows) + 2 + 2   # seed 1 of each method at its lr, both seeds of the control
     row = runs.iloc[0]
     run = Run.load(tmp / "runs" / row["run"])
     c = run.config
