@@ -34,7 +34,7 @@ def swiglu_width(d_model: int, multiple: int = 256) -> int:
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 for fast matmuls
 
 # Parameter counts (tied embedding counted once): nano 0.63M, tiny 1.01M, small 10.2M,
-# 125m 123.6M, 350m 359.8M, 720m 719.6M. tiny is 78% embedding; "blocks" (1.11M with a 2048 vocabulary) puts 77%
+# 125m 123.6M, 350m 359.8M, 720m 719.6M. tiny is 78% embedding; "blocks" (1.12M with a 2048 vocabulary) puts 76%
 # of its parameters in the block matrices that the low-rank methods compress, like 125m (69%), at tiny's cost
 # per token.
 PRESETS: dict[str, dict] = {

@@ -6,7 +6,7 @@ import torch
 
 from lordo.model import GPT, PRESETS, ModelConfig, model_config
 
-NOMINAL = {"nano": None, "tiny": 1e6, "small": 10e6, "125m": 125e6, "350m": 350e6, "720m": 720e6}
+NOMINAL = {"blocks": 1.1e6, "nano": None, "tiny": 1e6, "small": 10e6, "125m": 125e6, "350m": 350e6, "720m": 720e6}
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -93,3 +93,12 @@ def test_bf16_autocast_forward_backward():
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert model.embed_tokens.weight.grad.dtype == torch.float32
+
+
+def test_block_heavy_preset_keeps_most_parameters_in_the_low_rank_matrices():
+    def block_share(preset):
+        with torch.device("meta"):
+            model = GPT(model_config(preset))
+        blocks = sum(p.numel() for name, p in model.named_parameters() if name.startswith("layers.") and p.ndim == 2)
+        return blocks / model.num_params()
+    assert block_share("blocks") > 0.7 and block_share("125m") > 0.65 and block_share("tiny") < 0.25
