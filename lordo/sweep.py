@@ -1,4 +1,4 @@
-"""Each method at its own learning rate, in the regime where claim 4 can hold (notebook 05).
+"""Each method at its own learning rate, in the regime where claim 4 can hold (notebook 06).
 
 The regime is the notebook's shared point with `regime`'s fields in place of its own (on the cpu preset: the
 block-heavy `blocks` model, 16 sequences per worker, 256 steps). Every method of `sweep_methods` trains at each
@@ -6,13 +6,13 @@ of the log-spaced `lrs` (`sweep_seeds`), and while a method's best lr lies at th
 beyond that edge (at most MAX_EXTENSIONS); each method's lr is the one with the lowest mean validation loss,
 measured on the validation windows the runs evaluate during training; that lr then trains every seed of
 `seeds`, and every run is reported on held-out validation windows that neither training nor the selection read
-(the ones after them). LoRDO with one worker on all M*B sequences, at LoRDO's lr, separates the optimizer's
-own share of the gap from the local-update penalty.
+(the ones after them). LoRDO with one worker on all M*B sequences separates the optimizer's own share of the gap
+from the local-update penalty; it runs at each method's chosen lr and takes the better one as its own.
 
     python -m lordo.sweep                    # recompute the cpu preset's tables (`make sweep`)
     python -m lordo.sweep --preset smoke     # the notebooks' smoke sizes, in a minute
 
-Training ~13 runs takes about an hour on two CPU cores, so the tables are cached in `sweep_dir` (committed for
+Its ~15 runs take about an hour and a half on two CPU cores, so the tables are cached in `sweep_dir` (committed for
 the cpu preset, so `make reproduce` reads them) under the config hashes of the grid; a changed grid, or
 `--recompute`, trains what is missing (runs stay cached in runs/) and rewrites them.
 """
@@ -50,10 +50,10 @@ def grid(P: dict[str, Any]) -> list[TrainConfig]:
             for s in P["sweep_seeds"]]
 
 
-def select_lr(table: pd.DataFrame) -> dict[str, float]:
-    """Each method's lr with the lowest mean validation loss over its sweep seeds (ties: the smaller lr)."""
-    mean = table.groupby(["method", "lr"])["val_loss"].mean().reset_index().sort_values(["method", "val_loss", "lr"])
-    return {m: float(g["lr"].iloc[0]) for m, g in mean.groupby("method")}
+def select_lr(table: pd.DataFrame, by: str = "method") -> dict[str, float]:
+    """Each method's (or variant's) lr with the lowest mean validation loss over its seeds (ties: the smaller lr)."""
+    mean = table.groupby([by, "lr"])["val_loss"].mean().reset_index().sort_values([by, "val_loss", "lr"])
+    return {m: float(g["lr"].iloc[0]) for m, g in mean.groupby(by)}
 
 
 def next_lr(tried: list[float], best: float) -> float | None:
@@ -66,14 +66,14 @@ def next_lr(tried: list[float], best: float) -> float | None:
     return float(f"{near * near / next_near:.1g}")
 
 
-def finals(P: dict[str, Any], chosen: dict[str, float]) -> list[tuple[str, TrainConfig]]:
-    """(variant, config): every method at its chosen lr for every seed, and LoRDO on one worker (M*B sequences)."""
-    out = [(m, regime_config(P, m, lr=chosen[m], seed=s)) for m in P["sweep_methods"] for s in P["seeds"]]
-    if "lordo" in chosen:
-        base = regime_config(P, "lordo")
-        out += [(ONE_WORKER, regime_config(P, "lordo", lr=chosen["lordo"], seed=s, workers=1,
-                                           batch_size=base.workers * base.batch_size)) for s in P["seeds"]]
-    return out
+def one_worker(P: dict[str, Any], lr: float, seed: int) -> TrainConfig:
+    """LoRDO on one worker with all M*B sequences of the regime's step: no other worker to average with."""
+    base = regime_config(P, "lordo")
+    return regime_config(P, "lordo", lr=lr, seed=seed, workers=1, batch_size=base.workers * base.batch_size)
+
+
+def variant_config(P: dict[str, Any], variant: str, lr: float, seed: int) -> TrainConfig:
+    return one_worker(P, lr, seed) if variant == ONE_WORKER else regime_config(P, variant, lr=lr, seed=seed)
 
 
 def selection_windows(c: TrainConfig) -> int:
@@ -112,27 +112,34 @@ def _table(runs: list[Run], variants: list[str], stage: str) -> pd.DataFrame:
 
 
 def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
-    """Train the grid, select, train the finals and the one-worker control; every run with its held-out loss."""
-    configs = grid(P)
-    runs = train_all(configs, desc="lr sweep")
-    table = _table(runs, [c.method for c in configs], "grid")
+    """Train the grid (and beyond its edges), select each method's lr; LoRDO on one worker at each chosen lr, its own
+    the better one; every variant at its lr for every seed. Every run with its held-out loss."""
+    trained: dict[str, Run] = {}
+
+    def run(pairs: list[tuple[str, TrainConfig]], stage: str, desc: str) -> pd.DataFrame:
+        runs = train_all([c for _, c in pairs], desc=desc)
+        trained.update((r.config.hash(), r) for r in runs)
+        return _table(runs, [v for v, _ in pairs], stage)
+
+    table = run([(c.method, c) for c in grid(P)], "grid", "lr sweep")
     for _ in range(MAX_EXTENSIONS):
         chosen = select_lr(table)
         beyond = [(m, x) for m in P["sweep_methods"]
                   if (x := next_lr(table.loc[table["method"] == m, "lr"].tolist(), chosen[m])) is not None]
         if not beyond:
             break
-        more = [regime_config(P, m, lr=x, seed=s) for m, x in beyond for s in P["sweep_seeds"]]
-        runs += train_all(more, desc="lr sweep, beyond the edge")
-        configs += more
-        table = pd.concat([table, _table(runs[-len(more):], [c.method for c in more], "grid")], ignore_index=True)
+        more = [(m, regime_config(P, m, lr=x, seed=s)) for m, x in beyond for s in P["sweep_seeds"]]
+        table = pd.concat([table, run(more, "grid", "lr sweep, beyond the edge")], ignore_index=True)
     chosen = select_lr(table)
-    done = {c.hash() for c in configs}
-    todo = [(v, c) for v, c in finals(P, chosen) if c.hash() not in done]
-    final_runs = train_all([c for _, c in todo], desc="chosen lr, every seed")
-    table = pd.concat([table, _table(final_runs, [v for v, _ in todo], "seeds")], ignore_index=True)
-    table["selected"] = table["lr"] == table["method"].map(chosen)
-    chosen_runs = [r for r, sel in zip([*runs, *final_runs], table["selected"]) if sel]
+    if "lordo" in chosen:
+        control = [(ONE_WORKER, one_worker(P, lr, s)) for lr in sorted(set(chosen.values())) for s in P["sweep_seeds"]]
+        table = pd.concat([table, run(control, "control", "one-worker control")], ignore_index=True)
+        chosen |= select_lr(table[table["variant"] == ONE_WORKER], by="variant")
+    seeds = [(v, c) for v, lr in chosen.items() for s in P["seeds"]
+             if (c := variant_config(P, v, lr, s)).hash() not in set(table["config_hash"])]
+    table = pd.concat([table, run(seeds, "seeds", "chosen lr, every seed")], ignore_index=True)
+    table["selected"] = table["lr"] == table["variant"].map(chosen)
+    chosen_runs = [trained[h] for h in table.loc[table["selected"], "config_hash"]]
     variant = dict(zip(table["run"], table["variant"]))
     curve = curves(chosen_runs)
     return {"runs": table, "curves": curve.assign(variant=curve["run"].map(variant))}

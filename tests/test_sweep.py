@@ -51,15 +51,13 @@ def test_next_lr_continues_the_spacing_beyond_the_edge_of_the_best():
     assert sweep.next_lr([1e-3, 3e-3, 1e-2], 3e-3) is None and sweep.next_lr([1e-3], 1e-3) is None
 
 
-def test_finals_run_every_seed_at_the_chosen_lr_and_one_worker_on_all_sequences(tmp_path):
+def test_one_worker_control_trains_lordo_on_all_sequences_of_the_regimes_step(tmp_path):
     P = params(tmp_path)
-    out = sweep.finals(P, {"lowrank_ddp": 1e-2, "lordo": 1e-3})
-    by = {(v, c.seed): c for v, c in out}
-    assert len(out) == 6 and {c.preset for _, c in out} == {"nano"}
-    assert by[("lordo", 1)].lr == 1e-3 and by[("lowrank_ddp", 0)].lr == 1e-2
-    one = by[(sweep.ONE_WORKER, 1)]
-    assert (one.workers, one.batch_size, one.lr) == (1, 4, 1e-3)
-    assert one.tokens_per_step == by[("lordo", 1)].tokens_per_step and one.steps == by[("lordo", 1)].steps
+    lordo, one = sweep.variant_config(P, "lordo", 1e-3, 1), sweep.variant_config(P, sweep.ONE_WORKER, 1e-3, 1)
+    assert (lordo.preset, lordo.workers, lordo.batch_size, lordo.lr, lordo.seed) == ("nano", 2, 2, 1e-3, 1)
+    assert (one.method, one.workers, one.batch_size) == ("lordo", 1, 4)
+    assert one.tokens_per_step == lordo.tokens_per_step and one.steps == lordo.steps
+    assert one.replace(workers=2, batch_size=2).hash() == lordo.hash()
     assert sweep.grid(P)[0].hash() == sweep.regime_config(P, "lowrank_ddp", lr=1e-3, seed=0).hash()
 
 
@@ -77,15 +75,21 @@ def test_heldout_windows_follow_the_selection_windows_and_match_a_direct_computa
     runs = tables["runs"]
     assert set(runs["variant"]) == {"lowrank_ddp", "lordo", sweep.ONE_WORKER}
     grid_rows = runs[runs["stage"] == "grid"]
+    chosen = sweep.select_lr(grid_rows)
     for m, g in grid_rows.groupby("method"):   # the grid, then one lr beyond its edge while the best lies there
         tried = g["lr"].tolist()   # in the order trained
         assert tried[:2] == [1e-3, 1e-2] and len(tried) <= 2 + sweep.MAX_EXTENSIONS
         for k in range(2, len(tried)):
-            best = sweep.select_lr(g[g["lr"].isin(tried[:k])])[m]
-            assert tried[k] == sweep.next_lr(tried[:k], best)
+            assert tried[k] == sweep.next_lr(tried[:k], sweep.select_lr(g[g["lr"].isin(tried[:k])])[m])
         if len(tried) < 2 + sweep.MAX_EXTENSIONS:
-            assert sweep.next_lr(tried, sweep.select_lr(g)[m]) is None
-    assert len(runs) == len(grid_rows) + 2 + 2   # seed 1 of each method at its lr, both seeds of the control
+            assert sweep.next_lr(tried, chosen[m]) is None
+    control = runs[runs["stage"] == "control"]
+    assert sorted(control["lr"]) == sorted(set(chosen.values())) and set(control["seed"]) == {0}
+    chosen |= sweep.select_lr(runs[runs["variant"] == sweep.ONE_WORKER], by="variant")
+    selected = runs[runs["selected"]]
+    assert (selected["lr"] == selected["variant"].map(chosen)).all()
+    assert selected.groupby("variant")["seed"].apply(sorted).to_dict() == {v: [0, 1] for v in chosen}
+    assert len(runs) == len(grid_rows) + len(control) + 3   # seed 1 of each variant at its lr
     row = runs.iloc[0]
     run = Run.load(tmp / "runs" / row["run"])
     c = run.config
