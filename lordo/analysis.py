@@ -78,7 +78,6 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "gap_steps": (lambda v: v is None or _int(1)(v), "None (the config files' steps) or an int >= 1"),
     "gap_batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1 that divide steps x batch_size"),
     "gap_sync_everys": (_list(_int(1)), "a non-empty list of ints >= 1"),
-    "gap_workers": (_list(_int(1)), "a non-empty list of ints >= 1 that divide workers x batch_size"),
     "regime": (lambda v: v is None or isinstance(v, dict) and set(v) <= _TRAIN_CONFIG_FIELDS,
                "None or {TrainConfig field: value} (the claim-4 regime's changes to the shared point)"),
     "lrs": (_list(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf),

@@ -67,17 +67,6 @@ def equal_tokens(P: dict[str, Any], batch_size: int) -> dict[str, int]:
             "eval_batches": max(1, (shared.eval_batches or 1) * b // batch_size)}
 
 
-def fixed_total_batch(P: dict[str, Any], workers: int) -> dict[str, int]:
-    """Overrides that split the shared point's M*B sequences per step over `workers` workers instead (same
-    tokens, steps and validation windows): the per-worker batch shrinks as M grows."""
-    shared = run_config(P, "lordo")
-    total = shared.workers * shared.batch_size
-    if total % workers:
-        raise ValueError(f"workers={workers} does not divide the shared point's {total} sequences per step "
-                         f"(M*B = {shared.workers} x {shared.batch_size})")
-    return {"workers": workers, "batch_size": total // workers}
-
-
 def labelled(runs: list, labels: list[str], **columns: list[Any]) -> pd.DataFrame:
     """`analysis.summaries` with a `variant` column (and any other per-run columns given as lists)."""
     return summaries(runs).assign(variant=labels, **columns)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from lordo import diagnosis
-from lordo.analysis import check_params, run_config
+from lordo.analysis import check_params
 
 P = check_params(preset="tiny", workers=4, steps=64, batch_size=4, seq_len=32, lr=3e-3, sync_every=8, proj_every=8,
                  rank=4, eval_every=16, eval_batches=2, seeds=[0, 1], sweep_seeds=[0], launcher="sim",
@@ -93,17 +93,6 @@ def test_one_seed_is_never_a_verdict():
     t = diagnosis.gap_trend(gaps)
     assert t["seeds"] == 1 and not math.isnan(t["final"])
     assert diagnosis.claim4_verdict(t) == "inconclusive (one seed)"
-
-
-def test_fixed_total_batch_splits_the_same_sequences():
-    for workers in (1, 2, 8, 16):
-        o = diagnosis.fixed_total_batch(P, workers)
-        c = run_config(P, "lordo", **o)
-        assert c.workers == workers and c.tokens_per_step == 4 * 4 * 32 and c.steps == P["steps"]
-    assert run_config(P, "lordo", **diagnosis.fixed_total_batch(P, 4)).hash() == \
-        run_config(P, "lordo").hash()
-    with pytest.raises(ValueError, match="workers=3 does not divide"):
-        diagnosis.fixed_total_batch(P, 3)
 
 
 def ranked_curves(ppl: dict[str, list[float]], tokens=(0, 100, 200, 300)) -> pd.DataFrame:
