@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from lordo import analysis
 from lordo.analysis import check_params, curves, load_run_model, repo_path, run_config, summaries, train_all
 from lordo.config import TrainConfig
 from lordo.data import prepare, val_windows
@@ -36,7 +37,7 @@ from lordo.runs import Run
 
 MAX_EXTENSIONS = 2      # lrs tried beyond the grid's edge per method, one at a time, while the best lies at the edge
 HELDOUT_FACTOR = 4      # held-out windows: up to 4x the windows the selection reads, as the split allows
-TABLES = ("runs", "curves")
+TABLES = ("runs", "curves", "syncs")
 ONE_WORKER = "lordo, M = 1"   # the control run's label in the `variant` column
 
 
@@ -141,16 +142,19 @@ def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
     table["selected"] = table["lr"] == table["variant"].map(chosen)
     chosen_runs = [trained[h] for h in table.loc[table["selected"], "config_hash"]]
     variant = dict(zip(table["run"], table["variant"]))
-    curve = curves(chosen_runs)
-    return {"runs": table, "curves": curve.assign(variant=curve["run"].map(variant))}
+    curve, syncs = curves(chosen_runs), analysis.sync_records(chosen_runs)
+    return {"runs": table, "curves": curve.assign(variant=curve["run"].map(variant)),
+            "syncs": syncs.assign(variant=syncs["run"].map(variant))}
 
 
 def cache_key(P: dict[str, Any]) -> dict[str, Any]:
-    return {"grid": [c.hash() for c in grid(P)], "seeds": list(P["seeds"]), "heldout_factor": HELDOUT_FACTOR}
+    return {"grid": [c.hash() for c in grid(P)], "seeds": list(P["seeds"]), "heldout_factor": HELDOUT_FACTOR,
+            "max_extensions": MAX_EXTENSIONS, "tables": list(TABLES)}
 
 
 def lr_sweep(P: dict[str, Any], recompute: bool = False) -> dict[str, pd.DataFrame]:
-    """The sweep's tables ({"runs", "curves"}), read from P["sweep_dir"] when cached for this grid, else computed
+    """The sweep's tables ({"runs", "curves", "syncs"}: every run; the metrics and the subspace diagnostics of the
+    runs at the chosen lrs), read from P["sweep_dir"] when cached for this grid, else computed
     and written there (atomically; the key file last, so a partial write is recomputed)."""
     folder = repo_path(P["sweep_dir"])
     key_file = folder / "lr_sweep.json"
