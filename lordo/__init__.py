@@ -5,20 +5,24 @@
     run = lordo.train(method="lordo", preset="tiny", workers=4, steps=300)       # a cached training run
 """
 
-from lordo.comm import init_distributed, run_simulated
-from lordo.optim import DEFAULTS, METHODS, LoRDO, make_optimizer, split_params
+import importlib
 
-__all__ = ["DEFAULTS", "METHODS", "LoRDO", "TrainConfig", "init_distributed", "load_config", "make_optimizer",
-           "run_simulated", "split_params", "train", "Run"]
+# Each public name, and the module it lives in. Loaded when first asked for: the optimizer needs nothing but
+# torch, the training pipeline brings the data, the config YAML..., and `lordo --help` none of them.
+_HOMES = {
+    "DEFAULTS": "optim", "METHODS": "optim", "LoRDO": "optim", "make_optimizer": "optim", "split_params": "optim",
+    "init_distributed": "comm", "run_simulated": "comm",
+    "TrainConfig": "config", "load_config": "config",
+    "train": "launch", "Run": "runs",
+}
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    # The trainer pulls in the data pipeline, the config YAML: import them only when asked for, so that the
-    # optimizer needs nothing but torch.
-    if name in ("train", "Run"):
-        from lordo import trainer
-        return getattr(trainer, name)
-    if name in ("TrainConfig", "load_config"):
-        from lordo import config
-        return getattr(config, name)
-    raise AttributeError(f"module 'lordo' has no attribute {name!r}")
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lordo' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"lordo.{_HOMES[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

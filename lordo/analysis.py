@@ -27,18 +27,33 @@ import yaml
 from scipy import stats
 
 from lordo import wallclock as wc
+from lordo.comm import cpu_threads
 from lordo.config import LAUNCHERS, TrainConfig, make_config
 from lordo.files import write_atomic, write_json
 from lordo.model import GPT, PRESETS, model_config
 from lordo.optim import DEFAULTS, MEMORY_OPTIONS, METHODS, MOMENT_RULES, make_optimizer
+from lordo.paths import REPO, repo_path
 from lordo.projection import compute_projection, projection_distance
-from lordo.trainer import REPO, Run, cpu_threads, runs_root, train
+from lordo.runs import Run, runs_root
 
 LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 # Notebook parameters that are TrainConfig fields shared by every run of a notebook (None: the config
 # file's value under config_dir, else the package default).
 TRAIN_FIELDS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_every", "proj_every", "rank",
                 "eval_every", "eval_batches", "launcher")
+
+
+# Single changes to LoRDO at the shared point, by name (notebook 05, lordo.diagnosis.ablation): each isolates
+# one mechanism LoRDO's gap to low-rank DDP could come from. Here, not in lordo.diagnosis, because the notebook
+# parameters are checked against it and diagnosis builds on this module.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "Q from gradient": {"proj_source": "gradient"},     # lowrank_ddp's projection source, one more all-reduce
+    "no QH term": {"omega": 1.0},                       # omega = 1: lordo_global
+    "omega 0.9": {"omega": 0.9},
+    "no error feedback": {"error_feedback": False},
+    "moments reset": {"moments_on_refresh": "reset"},
+    "no clipping": {"clip": None},
+}
 
 
 # ---------------------------------------------------------------------- parameters
@@ -52,11 +67,6 @@ def _rank(v: Any) -> bool:
 
 def _list(ok):
     return lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(ok(x) for x in v)
-
-
-def _ablations() -> dict[str, Any]:
-    from lordo.diagnosis import ABLATIONS  # diagnosis builds on this module
-    return ABLATIONS
 
 
 _TRAIN_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -84,8 +94,8 @@ CHECKS: dict[str, tuple[Any, str]] = {
             "a non-empty list of learning rates, each a number > 0"),
     "sweep_methods": (_list(lambda v: v in METHODS), f"a non-empty list of {list(METHODS)}"),
     "sweep_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
-    "ablations": (lambda v: isinstance(v, list | tuple) and all(a in _ablations() for a in v),
-                  "a list of names in lordo.diagnosis.ABLATIONS"),
+    "ablations": (lambda v: isinstance(v, list | tuple) and all(a in ABLATIONS for a in v),
+                  f"a list of names in lordo.diagnosis.ABLATIONS: {list(ABLATIONS)}"),
     "downstream_tasks": (lambda v: v is None or isinstance(v, str) and v.strip() != "",
                          "None (no downstream evaluation), 'core' or comma-separated lm-eval task names"),
     "downstream_limit": (lambda v: v is None or _int(1)(v), "None (every document) or an int >= 1"),
@@ -188,6 +198,8 @@ def train_all(configs: list[TrainConfig], desc: str = "runs") -> list[Run]:
     """Train (or load from the cache) every config, with one progress bar over the runs."""
     from tqdm import tqdm
 
+    from lordo.launch import train  # training loads the data pipeline; tables, statistics and claims do not
+
     runs = []
     with tqdm(configs, desc=desc, unit="run") as bar:
         for cfg in bar:
@@ -247,11 +259,6 @@ def sync_records(runs: list[Run]) -> pd.DataFrame:
     df["layer"] = df["param"].map(layer_type)
     df["side"] = df["preset"].map(min_side)
     return df
-
-
-def repo_path(path: str | Path) -> Path:
-    path = Path(path)
-    return path if path.is_absolute() else REPO / path
 
 
 def table_path(P: dict[str, Any], notebook: str, name: str) -> Path:

@@ -56,7 +56,7 @@ def _train(args: argparse.Namespace) -> None:
     from dataclasses import fields
 
     from lordo.config import TrainConfig, load_config, make_config
-    from lordo.trainer import train
+    from lordo.launch import train
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
     cfg = load_config(args.config, **given) if args.config else make_config(given)
     run = train(cfg, force=args.force, resume=True if args.resume else None, stop_at=args.stop_at)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -134,6 +135,17 @@ class SimulatedComm:
 
     def barrier(self) -> None:
         self._group.collective(self.rank, "barrier", None)
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """Run the enclosed work on n intra-op CPU threads, then restore the previous count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_simulated(fn: Callable[..., Any], world_size: int, *args: Any, **kwargs: Any) -> list[Any]:

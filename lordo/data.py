@@ -50,6 +50,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
+from lordo.paths import REPO, in_checkout
+
 EOT = "<|endoftext|>"  # separates documents in the token stream
 FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
 DOCS_PER_BATCH = 1024  # documents read and tokenized together (the Rust tokenizer spreads a batch over all cores)
@@ -66,9 +68,8 @@ def default_cache_dir() -> Path:
     directory is no place for data) the user cache, $XDG_CACHE_HOME/lordo/data or ~/.cache/lordo/data."""
     if os.environ.get("LORDO_DATA_DIR"):
         return Path(os.environ["LORDO_DATA_DIR"])
-    checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "data" / "cache"
+    if in_checkout():
+        return REPO / "data" / "cache"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lordo" / "data"
 
 

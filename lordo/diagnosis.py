@@ -20,18 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lordo.analysis import ci95, paired_gap, run_config, summaries
+from lordo.analysis import ABLATIONS, ci95, paired_gap, run_config, summaries
 from lordo.config import TrainConfig
 
-# Single changes to LoRDO at the shared point, by name: each isolates one mechanism the gap could come from.
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "Q from gradient": {"proj_source": "gradient"},     # lowrank_ddp's projection source, one more all-reduce
-    "no QH term": {"omega": 1.0},                       # omega = 1: lordo_global
-    "omega 0.9": {"omega": 0.9},
-    "no error feedback": {"error_feedback": False},
-    "moments reset": {"moments_on_refresh": "reset"},
-    "no clipping": {"clip": None},
-}
 GAP_THRESHOLD_PCT = 1.0      # claim 4: "near-parity", a perplexity gap under about 1% (public summaries)
 TREND_TOLERANCE_PCT = 1.0    # a gap that moves less than this over the second half of training has settled
 

@@ -1,9 +1,14 @@
-"""Start a run's workers as real processes with torchrun (`torch.distributed.run`).
+"""Starting a run's workers: `train`, the entry point of every run (`lordo.train`, `lordo train`).
 
-`lordo train --launcher torchrun --nproc-per-node N [--nnodes K --node-rank i --rdzv-endpoint host:port]`
-prepares the data once, then runs this module as every rank: each joins the process group
-(NCCL on GPUs, gloo on CPU with one thread per rank) and runs `lordo.trainer.worker`, the same
-loop the simulated launcher runs in threads.
+    run = train(method="lordo", preset="tiny", workers=4, steps=300)   # cached by config
+    run.summary["val_ppl"], run.metrics, run.syncs
+
+`train` prepares the data and the run directory (lordo.runs: ownership, lock, checkpoints), then starts the
+workers, each running `lordo.trainer.worker`: as threads of this process (`launcher="sim"`) or as real
+processes with torchrun (`launcher="torchrun"`, `torch.distributed.run`), which runs this module as every
+rank: each joins the process group (NCCL on GPUs, gloo on CPU with one thread per rank). Asking again for a
+finished config loads it; an interrupted one resumes from its last checkpoint; Ctrl-C stops every worker,
+leaving the last checkpoint intact.
 """
 
 from __future__ import annotations
@@ -18,10 +23,30 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from lordo.config import TrainConfig
-from lordo.runs import latest_checkpoint
+import torch
+
+from lordo.comm import cpu_threads, init_distributed, run_simulated
+from lordo.config import TrainConfig, make_config
+from lordo.data import Prepared, prepare
+from lordo.files import copy_file
+from lordo.model import model_config
+from lordo.runs import (
+    Run,
+    RunLock,
+    check_claimable,
+    latest_checkpoint,
+    prepare_run_dir,
+    read_saved_config,
+    run_dir_for,
+)
+from lordo.trainer import Interrupted, resolve_device, worker
+
+__all__ = ["LaunchError", "launch_torchrun", "main_worker", "torchrun_command", "train"]
 
 STOP_GRACE_S = 60   # after Ctrl-C, how long the ranks get to stop before they are killed
 
@@ -114,11 +139,119 @@ def _first_failure(report: str, run_dir: Path) -> str:
     error = run_dir / "errors" / f"rank{rank}.txt"
     return error.read_text().strip() if error.is_file() else f"rank {rank} failed (exit code {exitcode})"
 
+
+# ---------------------------------------------------------------------- the entry point
+def _run_threads(cfg: TrainConfig, data: Prepared, run_dir: Path, start: int | None, stop_at: int | None) -> None:
+    """The simulated workers, waited for so that Ctrl-C reaches them: it sets the stop flag every worker
+    checks each step, and returns once all have stopped."""
+    device = resolve_device(cfg)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def workers() -> None:
+        # workers share the cores; oversubscription slows every one of them
+        share = cpu_threads(max(1, (os.cpu_count() or 1) // cfg.workers)) if device.type == "cpu" else nullcontext()
+        try:
+            with share:
+                run_simulated(worker, cfg.workers, cfg, data, run_dir, device, start, stop_at, stop)
+        except BaseException as e:  # re-raised in the caller's thread
+            failure.append(e)
+
+    runner = threading.Thread(target=workers, name="lordo-workers")
+    runner.start()
+    while runner.is_alive():
+        try:
+            runner.join(0.1)
+        except KeyboardInterrupt:
+            stop.set()
+    if stop.is_set():
+        raise Interrupted
+    if failure:
+        raise failure[0]
+
+
+def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = False, resume: bool | None = None,
+          stop_at: int | None = None, **fields: Any) -> Run:
+    """Train (or load the cached result of) one configuration; returns the finished Run.
+
+    resume: None resumes an interrupted run if it has a checkpoint; True requires one; False
+    starts over unless the run is finished (then it is loaded; force=True retrains).
+    stop_at: stop after this step with a checkpoint, as if interrupted (for resume tests).
+    Ctrl-C stops every worker and raises Interrupted; the last checkpoint stays intact.
+    """
+    if isinstance(config, TrainConfig):
+        cfg = config.replace(**fields) if fields else config
+    else:
+        cfg = make_config(config, **fields)
+    if stop_at is not None and not (isinstance(stop_at, int) and not isinstance(stop_at, bool) and stop_at >= 1):
+        raise ValueError(f"stop_at={stop_at!r} is invalid: allowed an int >= 1")
+    run_dir = run_dir_for(cfg)
+    if not force and not resume and (run_dir / "summary.json").is_file():
+        cached = Run.load(run_dir)
+        if cached.summary.get("config_hash") == cfg.hash():
+            return cached
+    check_claimable(run_dir)
+    resolve_device(cfg)
+    data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens)
+    model = asdict(model_config(cfg.preset, data.vocab_size, cfg.seq_len))
+    with RunLock(run_dir) as lock:
+        start = prepare_run_dir(cfg, run_dir, resume, force, model, stop_at)
+        copy_file(Path(data.tokenizer_path), run_dir / "tokenizer.json")
+        try:
+            if cfg.launcher == "torchrun":
+                launch_torchrun(cfg, run_dir, start, stop_at, lock.fd)
+            else:
+                _run_threads(cfg, data, run_dir, start, stop_at)
+        except KeyboardInterrupt:
+            step = latest_checkpoint(run_dir)
+            raise Interrupted(
+                f"interrupted; the last checkpoint (step {step}) is intact: continue with --resume --out {run_dir}"
+                if step is not None else
+                f"interrupted before the first checkpoint, nothing to resume in {run_dir} (--checkpoint-every "
+                "N keeps one every N steps)") from None
+    if stop_at is not None and stop_at < cfg.steps:
+        return Run(run_dir, cfg, {"stopped_at": stop_at})
+    return Run.load(run_dir)
+
+
+def main_worker(run_dir: str, start: int | None, stop_at: int | None) -> None:
+    """Entry point of one torchrun rank (see lordo.launch). Ctrl-C (SIGINT) or torchrun's SIGTERM stops the
+    rank quietly with status 130: the launcher reports the interruption once."""
+    run_dir_path = Path(run_dir)
+    interrupted = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        interrupted.set()
+        raise Interrupted
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    _, cfg = read_saved_config(run_dir_path)
+    comm, device = init_distributed()
+    if cfg.device != "auto":
+        device = torch.device(cfg.device) if device.type == "cpu" else device
+    try:
+        # the launching process prepared and verified the cache; ranks check sizes, not 30 GB of hashes
+        data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens, verify=False)
+        worker(comm, cfg, data, run_dir_path, device, start, stop_at, interrupted)
+    except BaseException as e:
+        if interrupted.is_set():   # also a collective that failed because a peer stopped first
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os._exit(130)
+        message = f"rank {comm.rank} failed: {type(e).__name__}: {e}"
+        print(f"lordo: {message}", file=sys.stderr, flush=True)
+        (run_dir_path / "errors").mkdir(exist_ok=True)
+        (run_dir_path / "errors" / f"rank{comm.rank}.txt").write_text(message + "\n")
+        raise
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one torchrun rank of a lordo run (started by lordo.launch)")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume-from", type=int, default=None, help="the checkpoint step to resume from")
     parser.add_argument("--stop-at", type=int, default=None)
     args = parser.parse_args()
-    from lordo.trainer import main_worker
     main_worker(args.run_dir, args.resume_from, args.stop_at)

@@ -20,8 +20,9 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import FuncFormatter
 
-from lordo.analysis import ci95, repo_path
+from lordo.analysis import ci95
 from lordo.files import write_json
+from lordo.paths import repo_path
 
 METHOD_ORDER = ("ddp", "lowrank_ddp", "local_adam", "lordo_local", "lordo_global", "lordo")
 LABELS = {"ddp": "DDP", "lowrank_ddp": "low-rank DDP", "local_adam": "Local AdamW (DiLoCo)",

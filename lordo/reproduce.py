@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from lordo.analysis import repo_path
 from lordo.files import write_atomic, write_json
-from lordo.trainer import REPO
+from lordo.paths import REPO, git_commit, repo_path
 
 NOTEBOOKS = REPO / "notebooks"
 
@@ -66,11 +64,6 @@ def title(notebook: Path) -> tuple[str, str]:
         else:
             break
     return heading, " ".join(p for p in paragraph if p)
-
-
-def git_commit() -> str:
-    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "unknown"
 
 
 def write_readme(params: dict[str, Any], preset: str, timings: dict[str, dict[str, Any]]) -> Path:
@@ -143,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         declared = papermill.inspect_notebook(nb)   # a preset names every notebook's parameters; pass its own
         papermill.execute_notebook(nb, out, parameters={k: v for k, v in params.items() if k in declared},
                                    kernel_name="python3", cwd=str(NOTEBOOKS), progress_bar=False, log_output=True)
-        timings[nb.stem] = {"seconds": round(time.perf_counter() - t0, 1), "commit": git_commit()}
+        timings[nb.stem] = {"seconds": round(time.perf_counter() - t0, 1),
+                            "commit": git_commit(short=True) or "unknown"}
         write_json(timings_file, timings)
         print(f"== {nb.stem}: {timings[nb.stem]['seconds'] / 60:.1f} min", flush=True)
     readme = write_readme(params, preset, timings)

@@ -31,8 +31,8 @@ import torch
 
 from lordo.config import TrainConfig, make_config
 from lordo.files import read_jsonl, save_torch, write_json, write_jsonl
+from lordo.paths import REPO, in_checkout
 
-REPO = Path(__file__).resolve().parent.parent
 MARKER = ".lordo-run"
 LOCK = ".lordo-run.lock"
 # everything lordo writes in a run directory; --force removes these, and never anything else
@@ -45,7 +45,7 @@ def runs_root(cfg: TrainConfig | None = None) -> Path:
         return Path(cfg.runs_dir)
     if os.environ.get("LORDO_RUNS_DIR"):
         return Path(os.environ["LORDO_RUNS_DIR"])
-    return REPO / "runs" if (REPO / "pyproject.toml").is_file() else Path.cwd() / "runs"
+    return REPO / "runs" if in_checkout() else Path.cwd() / "runs"
 
 
 def run_dir_for(cfg: TrainConfig) -> Path:

@@ -29,10 +29,11 @@ import pandas as pd
 import torch
 
 from lordo import analysis
-from lordo.analysis import check_params, curves, load_run_model, repo_path, run_config, summaries, train_all
+from lordo.analysis import check_params, curves, load_run_model, run_config, summaries, train_all
 from lordo.config import TrainConfig
 from lordo.data import prepare, val_windows
 from lordo.files import write_atomic, write_json
+from lordo.paths import repo_path
 from lordo.runs import Run
 
 MAX_EXTENSIONS = 2      # lrs tried beyond the grid's edge per method, one at a time, while the best lies at the edge

@@ -1,55 +1,34 @@
-"""The trainer: one per-worker loop for every method, and `train`, its entry point.
+"""The trainer: one per-worker loop for every method, the same under simulated threads and torchrun ranks.
 
-    run = lordo.train(method="lordo", preset="tiny", workers=4, steps=300)   # cached by config
-    run.summary["val_ppl"], run.metrics, run.syncs
+    worker(comm, cfg, data, run_dir, device, start=None, stop_at=None)   # one worker's whole run
 
-    lordo train --method lordo --preset tiny --workers 4 --steps 300 --out runs/x
-
-Each run writes `runs/<name>/` (lordo.runs, the results store: ownership, lock, checkpoints). Asking
-again for a finished config loads it; an interrupted one resumes from its last checkpoint; Ctrl-C stops
-every worker, leaving the last checkpoint intact.
+`lordo.launch.train` is the entry point (`lordo.train`, `lordo train`): it prepares the data and the run
+directory (lordo.runs, the results store) and starts the workers, as threads or torchrun ranks, each of which
+runs `worker`.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import platform
-import signal
-import subprocess
-import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lordo.comm import Communicator, run_simulated
-from lordo.config import TrainConfig, make_config
-from lordo.data import Batches, Prepared, prepare, val_windows
-from lordo.files import JsonlLog, copy_file, read_jsonl, save_torch, write_json
+from lordo.comm import Communicator
+from lordo.config import TrainConfig
+from lordo.data import Batches, Prepared, val_windows
+from lordo.files import JsonlLog, read_jsonl, save_torch, write_json
 from lordo.model import GPT, model_config
 from lordo.optim import make_optimizer
-from lordo.runs import (
-    REPO,
-    Run,
-    RunLock,
-    check_claimable,
-    latest_checkpoint,
-    load_checkpoint,
-    prepare_run_dir,
-    read_saved_config,
-    result_hash,
-    run_dir_for,
-    runs_root,
-    save_checkpoint,
-)
+from lordo.paths import git_commit
+from lordo.runs import load_checkpoint, read_saved_config, result_hash, save_checkpoint
 
-__all__ = ["REPO", "Interrupted", "Run", "cpu_threads", "evaluate", "latest_checkpoint", "lr_multiplier",
-           "main_worker", "run_dir_for", "runs_root", "train", "worker"]
+__all__ = ["Interrupted", "evaluate", "lr_multiplier", "resolve_device", "worker"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -220,19 +199,14 @@ def worker(comm: Communicator, cfg: TrainConfig, data: Prepared, run_dir: Path, 
     })
 
 
-def _versions() -> dict[str, str]:
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+def _versions() -> dict[str, str | None]:
     from importlib.metadata import version
     return {"python": platform.python_version(), "torch": torch.__version__, "lordo": version("lordo"),
-            "git_commit": commit}
+            "git_commit": git_commit()}
 
 
-# ---------------------------------------------------------------------- entry points
 def resolve_device(cfg: TrainConfig) -> torch.device:
+    """The device a config asks for; one line naming it when this machine has none such."""
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
@@ -241,123 +215,3 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "mps" and not torch.backends.mps.is_available():
         raise ValueError("config field device='mps' is invalid here: MPS is not available on this machine")
     return torch.device(cfg.device)
-
-
-@contextmanager
-def cpu_threads(n: int):
-    """Run the enclosed work on n intra-op CPU threads, then restore the previous count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_threads(cfg: TrainConfig, data: Prepared, run_dir: Path, start: int | None, stop_at: int | None) -> None:
-    """The simulated workers, waited for so that Ctrl-C reaches them: it sets the stop flag every worker
-    checks each step, and returns once all have stopped."""
-    device = resolve_device(cfg)
-    stop = threading.Event()
-    failure: list[BaseException] = []
-
-    def workers() -> None:
-        # workers share the cores; oversubscription slows every one of them
-        share = cpu_threads(max(1, (os.cpu_count() or 1) // cfg.workers)) if device.type == "cpu" else nullcontext()
-        try:
-            with share:
-                run_simulated(worker, cfg.workers, cfg, data, run_dir, device, start, stop_at, stop)
-        except BaseException as e:  # re-raised in the caller's thread
-            failure.append(e)
-
-    runner = threading.Thread(target=workers, name="lordo-workers")
-    runner.start()
-    while runner.is_alive():
-        try:
-            runner.join(0.1)
-        except KeyboardInterrupt:
-            stop.set()
-    if stop.is_set():
-        raise Interrupted
-    if failure:
-        raise failure[0]
-
-
-def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = False, resume: bool | None = None,
-          stop_at: int | None = None, **fields: Any) -> Run:
-    """Train (or load the cached result of) one configuration; returns the finished Run.
-
-    resume: None resumes an interrupted run if it has a checkpoint; True requires one; False
-    starts over unless the run is finished (then it is loaded; force=True retrains).
-    stop_at: stop after this step with a checkpoint, as if interrupted (for resume tests).
-    Ctrl-C stops every worker and raises Interrupted; the last checkpoint stays intact.
-    """
-    if isinstance(config, TrainConfig):
-        cfg = config.replace(**fields) if fields else config
-    else:
-        cfg = make_config(config, **fields)
-    if stop_at is not None and not (isinstance(stop_at, int) and not isinstance(stop_at, bool) and stop_at >= 1):
-        raise ValueError(f"stop_at={stop_at!r} is invalid: allowed an int >= 1")
-    run_dir = run_dir_for(cfg)
-    if not force and not resume and (run_dir / "summary.json").is_file():
-        cached = Run.load(run_dir)
-        if cached.summary.get("config_hash") == cfg.hash():
-            return cached
-    check_claimable(run_dir)
-    resolve_device(cfg)
-    data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens)
-    model = asdict(model_config(cfg.preset, data.vocab_size, cfg.seq_len))
-    with RunLock(run_dir) as lock:
-        start = prepare_run_dir(cfg, run_dir, resume, force, model, stop_at)
-        copy_file(Path(data.tokenizer_path), run_dir / "tokenizer.json")
-        try:
-            if cfg.launcher == "torchrun":
-                from lordo.launch import launch_torchrun
-                launch_torchrun(cfg, run_dir, start, stop_at, lock.fd)
-            else:
-                _run_threads(cfg, data, run_dir, start, stop_at)
-        except KeyboardInterrupt:
-            step = latest_checkpoint(run_dir)
-            raise Interrupted(
-                f"interrupted; the last checkpoint (step {step}) is intact: continue with --resume --out {run_dir}"
-                if step is not None else
-                f"interrupted before the first checkpoint, nothing to resume in {run_dir} (--checkpoint-every "
-                "N keeps one every N steps)") from None
-    if stop_at is not None and stop_at < cfg.steps:
-        return Run(run_dir, cfg, {"stopped_at": stop_at})
-    return Run.load(run_dir)
-
-
-def main_worker(run_dir: str, start: int | None, stop_at: int | None) -> None:
-    """Entry point of one torchrun rank (see lordo.launch). Ctrl-C (SIGINT) or torchrun's SIGTERM stops the
-    rank quietly with status 130: the launcher reports the interruption once."""
-    from lordo.comm import init_distributed
-    run_dir_path = Path(run_dir)
-    interrupted = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        interrupted.set()
-        raise Interrupted
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    _, cfg = read_saved_config(run_dir_path)
-    comm, device = init_distributed()
-    if cfg.device != "auto":
-        device = torch.device(cfg.device) if device.type == "cpu" else device
-    try:
-        # the launching process prepared and verified the cache; ranks check sizes, not 30 GB of hashes
-        data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens, verify=False)
-        worker(comm, cfg, data, run_dir_path, device, start, stop_at, interrupted)
-    except BaseException as e:
-        if interrupted.is_set():   # also a collective that failed because a peer stopped first
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            os._exit(130)
-        message = f"rank {comm.rank} failed: {type(e).__name__}: {e}"
-        print(f"lordo: {message}", file=sys.stderr, flush=True)
-        (run_dir_path / "errors").mkdir(exist_ok=True)
-        (run_dir_path / "errors" / f"rank{comm.rank}.txt").write_text(message + "\n")
-        raise
-    finally:
-        torch.distributed.destroy_process_group()

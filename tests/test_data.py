@@ -23,6 +23,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import lordo.data  # noqa: E402
+import lordo.paths  # noqa: E402
 from lordo.data import CORPORA, Batches, default_cache_dir, prepare, val_windows  # noqa: E402
 
 SAMPLES = ["To be, or not to be: that is the question.", "  Ünïcödé — 😀 tabs\tand\r\nnewlines\n",
@@ -354,7 +355,7 @@ def test_cache_outside_a_checkout_is_the_user_cache(monkeypatch, tmp_path):
     """An installed (non-editable) package keeps no data in site-packages; $LORDO_DATA_DIR wins everywhere."""
     monkeypatch.delenv("LORDO_DATA_DIR", raising=False)
     assert default_cache_dir() == Path(lordo.data.__file__).resolve().parents[1] / "data" / "cache"   # checkout
-    monkeypatch.setattr(lordo.data, "__file__", str(tmp_path / "site-packages" / "lordo" / "data.py"))
+    monkeypatch.setattr(lordo.paths, "REPO", tmp_path / "site-packages")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "lordo" / "data"
     monkeypatch.delenv("XDG_CACHE_HOME")
