@@ -28,12 +28,12 @@ from scipy import stats
 
 from lordo import wallclock as wc
 from lordo.comm import cpu_threads
-from lordo.config import LAUNCHERS, TrainConfig, make_config
+from lordo.config import LAUNCHERS, TrainConfig, is_int, is_number, make_config
 from lordo.files import write_atomic, write_json
 from lordo.model import GPT, PRESETS, model_config
-from lordo.optim import DEFAULTS, MEMORY_OPTIONS, METHODS, MOMENT_RULES, make_optimizer
+from lordo.optim import DEFAULTS, MEMORY_OPTIONS, METHODS, MOMENT_RULES, is_rank, make_optimizer, resolve_rank
 from lordo.paths import REPO, repo_path
-from lordo.projection import compute_projection, projection_distance
+from lordo.projection import compute_projection, is_transposed, oriented, projection_distance
 from lordo.runs import Run, runs_root
 
 LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
@@ -58,11 +58,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 # ---------------------------------------------------------------------- parameters
 def _int(lo: int):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _rank(v: Any) -> bool:
-    return not isinstance(v, bool) and (isinstance(v, int) and v >= 1 or isinstance(v, float) and 0 < v <= 1)
+    return lambda v: is_int(v) and v >= lo
 
 
 def _list(ok):
@@ -76,10 +72,10 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "presets": (_list(lambda v: v in PRESETS), f"a non-empty list of {list(PRESETS)}"),
     "methods": (_list(lambda v: v in METHODS), f"a non-empty list of {list(METHODS)}"),
     "seq_len": (_int(2), "an int >= 2"),
-    "lr": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf, "a number > 0"),
-    "rank": (_rank, _RANK),
-    "low_memory_rank": (_rank, _RANK),
-    "ranks": (_list(_rank), f"a non-empty list of ranks, each {_RANK}"),
+    "lr": (lambda v: is_number(v) and 0 < v < math.inf, "a number > 0"),
+    "rank": (is_rank, _RANK),
+    "low_memory_rank": (is_rank, _RANK),
+    "ranks": (_list(is_rank), f"a non-empty list of ranks, each {_RANK}"),
     "omegas": (_list(lambda v: isinstance(v, int | float) and 0 <= v < 1), "a non-empty list of numbers in [0, 1)"),
     "seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
     "sweep_seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
@@ -105,9 +101,9 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "ladder_overrides": (lambda v: v is None or isinstance(v, dict) and all(
         k in PRESETS and isinstance(o, dict) for k, o in v.items()), "None or {preset: {config field: value}}"),
     "results_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
-    "bandwidths_gbps": (_list(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v > 0),
+    "bandwidths_gbps": (_list(lambda v: is_number(v) and v > 0),
                         "a non-empty list of bandwidths in Gb/s, each > 0"),
-    "latency_us": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and v >= 0, "a number >= 0"),
+    "latency_us": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "figures_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
 } | {name: (_int(1), "an int >= 1") for name in (
     "workers", "steps", "batch_size", "sync_every", "proj_every", "eval_every", "eval_batches", "repeats",
@@ -185,7 +181,7 @@ def run_config(P: dict[str, Any], method: str, **overrides: Any) -> TrainConfig:
     m = METHODS[method]
     preset = fields.get("preset", base.get("preset", "tiny"))
     if "rank" in fields and isinstance(fields["rank"], float):
-        fields["rank"] = max(1, round(fields["rank"] * min_side(preset)))
+        fields["rank"] = matrix_rank(fields["rank"], preset)
     ignored = {"rank": not m.lowrank, "omega": not m.lowrank, "moments_on_refresh": not m.lowrank,
                "sync_every": not m.local, "proj_every": m.projection != "gradient"}
     for k, drop in ignored.items():
@@ -209,21 +205,26 @@ def train_all(configs: list[TrainConfig], desc: str = "runs") -> list[Run]:
 
 
 # ---------------------------------------------------------------------- tables
+def matrix_rank(rank: int | float, preset: str) -> int:
+    """The int rank the preset's smallest matrices get for `rank` (lordo.optim.resolve_rank)."""
+    side = min_side(preset)
+    return resolve_rank(rank, (side, side), f"the smallest matrices of preset {preset}")
+
+
 def resolved_rank(c: TrainConfig) -> int:
     """The int rank a config's matrices get (fractions resolved against the preset's matrices)."""
-    rank = c.rank if c.rank is not None else DEFAULTS["rank"]
-    return rank if isinstance(rank, int) else max(1, round(rank * min_side(c.preset)))
+    return matrix_rank(c.resolved_optimizer()["rank"], c.preset)
 
 
 def describe(run: Run) -> dict[str, Any]:
     """A run's identity: the settings the notebooks vary, resolved to the values the optimizer used."""
     c, m = run.config, METHODS[run.config.method]
-    hp = {**DEFAULTS, **c.optimizer_hparams()}
+    hp = c.resolved_optimizer()
     rank = resolved_rank(c)
     return {"run": run.dir.name, "method": c.method, "preset": c.preset, "seed": c.seed, "workers": c.workers,
             "batch_size": c.batch_size, "seq_len": c.seq_len, "steps": c.steps,
             "rank": rank if m.lowrank else None,
-            "omega": (hp["omega"] if hp["omega"] is not None else m.omega) if m.lowrank else None,
+            "omega": hp["omega"] if m.lowrank else None,
             "moments": hp["moments_on_refresh"] if m.lowrank else None,
             "sync_every": hp["sync_every"] if m.local else 1}
 
@@ -351,10 +352,6 @@ def _matrices(model: GPT) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.startswith("layers.") and p.ndim == 2}
 
 
-def _oriented(t: torch.Tensor) -> torch.Tensor:
-    return t if t.shape[-2] <= t.shape[-1] else t.mT
-
-
 def _sample(tokens: np.ndarray, n: int, seq_len: int, rng: np.random.Generator, device) -> tuple:
     starts = rng.integers(0, len(tokens) - seq_len - 1, n)
     rows = torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)).to(device)
@@ -367,7 +364,7 @@ def _gradient(model: GPT, tokens, n: int, seq_len: int, rng, device, chunk: int 
     for start in range(0, n, chunk):
         x, y = _sample(tokens, min(chunk, n - start), seq_len, rng, device)
         (model(x, y)[1] * len(x) / n).backward()
-    return {k: _oriented(p.grad.detach().clone()) for k, p in _matrices(model).items()}
+    return {k: oriented(p.grad.detach().clone(), is_transposed(p.shape)) for k, p in _matrices(model).items()}
 
 
 def _pseudo_gradient(model: GPT, start: dict[str, torch.Tensor], tokens, batch: int, local_steps: int, lr: float,
@@ -380,7 +377,7 @@ def _pseudo_gradient(model: GPT, start: dict[str, torch.Tensor], tokens, batch: 
         model(x, y)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return {k: _oriented(p.detach() - start[k]) for k, p in _matrices(model).items()}
+    return {k: oriented(p.detach() - start[k], is_transposed(p.shape)) for k, p in _matrices(model).items()}
 
 
 def _projections(matrices: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:

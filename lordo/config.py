@@ -24,23 +24,37 @@ from typing import Any
 import yaml
 
 from lordo.model import PRESETS
-from lordo.optim import COMM_DTYPES, DEFAULTS, METHODS, MOMENT_RULES, PROJ_SOURCES, STATE_DTYPES, validate_hparams
+from lordo.optim import (
+    COMM_DTYPES,
+    DEFAULTS,
+    METHODS,
+    MOMENT_RULES,
+    NONFINITE_RULES,
+    PROJ_SOURCES,
+    STATE_DTYPES,
+    check,
+    is_rank,
+    validate_hparams,
+)
 from lordo.projection import PROJ_METHODS
 
 SCHEDULES = ("cosine", "wsd", "constant")
 LAUNCHERS = ("sim", "torchrun")
 EXECUTION_FIELDS = ("launcher", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "device", "out",
                     "runs_dir", "checkpoint_every", "progress")
+# Optimizer options added after runs were cached under the config hash: in the hash key only when set (their
+# resolved values are in it anyway, under resolved_optimizer), so every earlier config keeps its hash.
+LATER_OPTIMIZER_FIELDS = ("proj_iters", "nonfinite", "bucket_mb")
 MAX_LOCAL_WORKERS = 256   # threads (sim) or processes (torchrun) on one machine
 NONE_WORDS = ("none", "null", "~")
 
 
 # ---------------------------------------------------------------------- value kinds
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v: Any) -> bool:
+def is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
@@ -91,14 +105,14 @@ class Kind:
 
 
 def integer(low: int, high: int | None = None, none: str | None = None) -> Kind:
-    return Kind(_read_int, lambda v: _is_int(v) and v >= low and (high is None or v <= high),
+    return Kind(_read_int, lambda v: is_int(v) and v >= low and (high is None or v <= high),
                 f"an int >= {low}" if high is None else f"an int in [{low}, {high}]", none)
 
 
 def number(low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False,
            none: str | None = None) -> Kind:
     def ok(v: Any) -> bool:
-        return _is_number(v) and math.isfinite(v) and (v > low if open_low else v >= low) and \
+        return is_number(v) and math.isfinite(v) and (v > low if open_low else v >= low) and \
             (high is None or (v < high if open_high else v <= high))
     if high is None:
         allowed = f"a number {'>' if open_low else '>='} {low:g}"
@@ -126,11 +140,11 @@ def _read_rank(text: str) -> int | float:
         return float(text)
 
 
-RANK = Kind(_read_rank, lambda v: _is_int(v) and v >= 1 or isinstance(v, float) and 0 < v <= 1,
+RANK = Kind(_read_rank, is_rank,
             "an int >= 1, or a fraction of min(p, q) in (0, 1]", f"lordo.optim.DEFAULTS: {DEFAULTS['rank']}")
 BETAS = Kind(lambda t: [float(b) for b in t.split(",")],
              lambda v: isinstance(v, tuple | list) and len(v) == 2 and
-             all(_is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1), as 0.9,0.95",
+             all(is_number(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1), as 0.9,0.95",
              f"lordo.optim.DEFAULTS: {','.join(map(str, DEFAULTS['betas']))}")
 
 
@@ -191,6 +205,8 @@ class TrainConfig:
                                      "how the projection Q is computed")
     proj_every: int | None = option(None, integer(1, none=_optimizer_default("proj_every")),
                                     "steps between projection refreshes (lowrank_ddp)")
+    proj_iters: int | None = option(None, integer(1, none=_optimizer_default("proj_iters")),
+                                    "power iterations of ComputeProjection (proj_method power or randomized)")
     proj_source: str | None = option(None, choice(PROJ_SOURCES, none=_optimizer_default("proj_source")),
                                      "what Q is computed from: pseudo_gradient (the paper) | gradient "
                                      "(diagnostic: +1 all-reduce per sync)")
@@ -205,6 +221,11 @@ class TrainConfig:
                                      "storage dtype of the moments and error feedback (README: Memory)")
     host_anchor: bool | None = option(None, flag(none=_optimizer_default("host_anchor")),
                                       "keep the anchor copy in host memory, on the device only at syncs")
+    nonfinite: str | None = option(None, choice(NONFINITE_RULES, none=_optimizer_default("nonfinite")),
+                                   "a non-finite gradient: raise naming the parameter | skip the step (counted) | "
+                                   "off (no check)")
+    bucket_mb: float | None = option(None, number(0, open_low=True, none=_optimizer_default("bucket_mb")),
+                                     "MiB per communication bucket (one collective each)")
     diagnostics: bool = option(True, flag(), "record subspace diagnostics at synchronizations (sync.jsonl)")
     # evaluation and logging
     eval_every: int = option(50, integer(1), "steps between evaluations (local methods: at the next synchronization)")
@@ -246,7 +267,8 @@ class TrainConfig:
 
     def result_dict(self) -> dict[str, Any]:
         """The fields that determine the result."""
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS
+                and not (k in LATER_OPTIMIZER_FIELDS and v is None)}
 
     def resolved_optimizer(self) -> dict[str, Any]:
         """Every optimizer hyper-parameter this run uses: its own, else the package defaults."""
@@ -309,32 +331,31 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
         raise ValueError(f"{path}: {e}") from None
 
 
-def _need(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"config field {name}={value!r} is invalid: allowed {allowed}")
-
-
 def validate_config(c: TrainConfig) -> None:
     """Raise ValueError naming the first bad field and what is allowed: each field's kind, then what
     depends on several fields."""
-    for f in fields(c):
-        kind: Kind = f.metadata["kind"]
-        _need(kind.check(getattr(c, f.name)), f.name, getattr(c, f.name), kind.describe())
-    longest = PRESETS[c.preset]["max_seq_len"]
-    _need(c.seq_len <= longest, "seq_len", c.seq_len, f"an int in [2, {longest}] for preset {c.preset}")
-    _need(c.launcher != "sim" or c.workers <= MAX_LOCAL_WORKERS, "workers", c.workers,
-          f"an int in [1, {MAX_LOCAL_WORKERS}] with the sim launcher (threads of one process); "
-          "more with --launcher torchrun over several nodes")
-    _need(c.node_rank < c.nnodes, "node_rank", c.node_rank, f"an int in [0, nnodes - 1 = {c.nnodes - 1}]")
-    if c.launcher == "torchrun":
-        nproc = c.nproc_per_node or c.workers // c.nnodes
-        _need(nproc * c.nnodes == c.workers, "nproc_per_node", c.nproc_per_node,
-              f"nproc_per_node * nnodes == workers ({c.workers})")
-        _need(nproc <= MAX_LOCAL_WORKERS, "workers" if c.nproc_per_node is None else "nproc_per_node", nproc,
-              f"at most {MAX_LOCAL_WORKERS} ranks per node (--nnodes spreads them)")
-        _need(c.nnodes == 1 or c.rdzv_endpoint is not None, "rdzv_endpoint", c.rdzv_endpoint,
-              "host:port of node 0 when nnodes > 1")
     try:
-        validate_hparams(c.resolved_optimizer())
+        _validate(c)
     except ValueError as e:
         raise ValueError(f"config field {e}") from None
+
+
+def _validate(c: TrainConfig) -> None:
+    for f in fields(c):
+        kind: Kind = f.metadata["kind"]
+        check(kind.check(getattr(c, f.name)), f.name, getattr(c, f.name), kind.describe())
+    longest = PRESETS[c.preset]["max_seq_len"]
+    check(c.seq_len <= longest, "seq_len", c.seq_len, f"an int in [2, {longest}] for preset {c.preset}")
+    check(c.launcher != "sim" or c.workers <= MAX_LOCAL_WORKERS, "workers", c.workers,
+          f"an int in [1, {MAX_LOCAL_WORKERS}] with the sim launcher (threads of one process); "
+          "more with --launcher torchrun over several nodes")
+    check(c.node_rank < c.nnodes, "node_rank", c.node_rank, f"an int in [0, nnodes - 1 = {c.nnodes - 1}]")
+    if c.launcher == "torchrun":
+        nproc = c.nproc_per_node or c.workers // c.nnodes
+        check(nproc * c.nnodes == c.workers, "nproc_per_node", c.nproc_per_node,
+              f"nproc_per_node * nnodes == workers ({c.workers})")
+        check(nproc <= MAX_LOCAL_WORKERS, "workers" if c.nproc_per_node is None else "nproc_per_node", nproc,
+              f"at most {MAX_LOCAL_WORKERS} ranks per node (--nnodes spreads them)")
+        check(c.nnodes == 1 or c.rdzv_endpoint is not None, "rdzv_endpoint", c.rdzv_endpoint,
+              "host:port of node 0 when nnodes > 1")
+    validate_hparams(c.resolved_optimizer())

@@ -56,6 +56,8 @@ from lordo.projection import (
     compute_projection,
     energy_outside,
     extend_basis,
+    is_transposed,
+    oriented,
     visited_rank,
 )
 
@@ -70,18 +72,22 @@ class Method:
     projection: str     # where Q comes from: "" | "gradient" | "global" | "local"
     omega: float        # default weight of the low-rank momentum (1: no full-rank term)
     summary: str
+    label: str          # display name in tables and figures
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("ddp", False, False, "", 1.0, "AdamW, all-reduce of gradients every step"),
+METHODS: dict[str, Method] = {m.name: m for m in (   # in this order in every table and figure
+    Method("ddp", False, False, "", 1.0, "AdamW, all-reduce of gradients every step", "DDP"),
     Method("lowrank_ddp", True, False, "gradient", 1.0,
-           "low-rank Adam + EF, Q from the all-reduced gradient every proj_every steps"),
-    Method("local_adam", False, True, "", 1.0, "local AdamW, parameters averaged every sync_every (DiLoCo)"),
-    Method("lordo_local", True, True, "local", 1.0, "low-rank Adam + EF, each worker's Q from its own update"),
-    Method("lordo_global", True, True, "global", 1.0, "low-rank Adam + EF, shared Q from the averaged update"),
-    Method("lordo", True, True, "global", 0.7, "lordo_global + full-rank quasi-hyperbolic term (omega < 1)"),
+           "low-rank Adam + EF, Q from the all-reduced gradient every proj_every steps", "low-rank DDP"),
+    Method("local_adam", False, True, "", 1.0, "local AdamW, parameters averaged every sync_every (DiLoCo)",
+           "Local AdamW (DiLoCo)"),
+    Method("lordo_local", True, True, "local", 1.0, "low-rank Adam + EF, each worker's Q from its own update",
+           "LoRDO, local Q"),
+    Method("lordo_global", True, True, "global", 1.0, "low-rank Adam + EF, shared Q from the averaged update",
+           "LoRDO, global Q (ω = 1)"),
+    Method("lordo", True, True, "global", 0.7, "lordo_global + full-rank quasi-hyperbolic term (omega < 1)",
+           "LoRDO"),
 )}
-
 # Documented defaults (README "Decisions"); `omega=None` means the method's own.
 DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, rank=0.25, sync_every=16, omega=None,
@@ -109,39 +115,43 @@ COMM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
                "float64": torch.float64}
 
 
-def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+def check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise the one-line ValueError naming a bad value and what is allowed, unless ok."""
     if not ok:
         raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}")
+
+
+def is_rank(v: Any) -> bool:
+    """An int rank >= 1, or a float fraction of min(p, q) in (0, 1]."""
+    return not isinstance(v, bool) and (isinstance(v, int) and v >= 1 or isinstance(v, float) and 0 < v <= 1)
 
 
 def validate_hparams(hp: dict[str, Any]) -> None:
     """Raise ValueError naming the first bad hyper-parameter and what is allowed."""
     unknown = sorted(set(hp) - set(DEFAULTS))
-    _check(not unknown, "hyper-parameter", unknown[0] if unknown else None, f"one of {sorted(DEFAULTS)}")
+    check(not unknown, "hyper-parameter", unknown[0] if unknown else None, f"one of {sorted(DEFAULTS)}")
     lr, betas, rank = hp["lr"], hp["betas"], hp["rank"]
-    _check(isinstance(lr, int | float) and lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
-    _check(isinstance(betas, tuple | list) and len(betas) == 2 and all(0 <= b < 1 for b in betas),
+    check(isinstance(lr, int | float) and lr >= 0 and math.isfinite(lr), "lr", lr, "a finite number >= 0")
+    check(isinstance(betas, tuple | list) and len(betas) == 2 and all(0 <= b < 1 for b in betas),
            "betas", betas, "two numbers in [0, 1)")
-    _check(hp["eps"] > 0, "eps", hp["eps"], "> 0")
-    _check(hp["weight_decay"] >= 0, "weight_decay", hp["weight_decay"], ">= 0")
-    _check(not isinstance(rank, bool) and (isinstance(rank, int) and rank > 0 or isinstance(rank, float)
-                                            and 0 < rank <= 1),
-           "rank", rank, "an int >= 1, or a float fraction of min(p, q) in (0, 1]")
-    _check(isinstance(hp["sync_every"], int) and hp["sync_every"] >= 1, "sync_every", hp["sync_every"], "an int >= 1")
-    _check(hp["omega"] is None or 0 <= hp["omega"] <= 1, "omega", hp["omega"], "a number in [0, 1]")
-    _check(hp["clip"] is None or hp["clip"] > 0, "clip", hp["clip"], "None (off) or a number > 0")
-    _check(hp["moments_on_refresh"] in MOMENT_RULES, "moments_on_refresh", hp["moments_on_refresh"], str(MOMENT_RULES))
-    _check(hp["proj_method"] in PROJ_METHODS, "proj_method", hp["proj_method"], str(PROJ_METHODS))
-    _check(isinstance(hp["proj_every"], int) and hp["proj_every"] >= 1, "proj_every", hp["proj_every"], "an int >= 1")
-    _check(isinstance(hp["proj_iters"], int) and hp["proj_iters"] >= 1, "proj_iters", hp["proj_iters"], "an int >= 1")
-    _check(hp["proj_source"] in PROJ_SOURCES, "proj_source", hp["proj_source"], str(PROJ_SOURCES))
-    _check(hp["outer_lr"] > 0, "outer_lr", hp["outer_lr"], "> 0")
-    _check(0 <= hp["outer_momentum"] < 1, "outer_momentum", hp["outer_momentum"], "a number in [0, 1)")
-    _check(hp["comm_dtype"] in COMM_DTYPES, "comm_dtype", hp["comm_dtype"], str(tuple(COMM_DTYPES)))
-    _check(hp["nonfinite"] in NONFINITE_RULES, "nonfinite", hp["nonfinite"], str(NONFINITE_RULES))
-    _check(hp["bucket_mb"] > 0, "bucket_mb", hp["bucket_mb"], "> 0")
-    _check(hp["state_dtype"] in STATE_DTYPES, "state_dtype", hp["state_dtype"], str(tuple(STATE_DTYPES)))
-    _check(isinstance(hp["host_anchor"], bool), "host_anchor", hp["host_anchor"], "True or False")
+    check(hp["eps"] > 0, "eps", hp["eps"], "> 0")
+    check(hp["weight_decay"] >= 0, "weight_decay", hp["weight_decay"], ">= 0")
+    check(is_rank(rank), "rank", rank, "an int >= 1, or a float fraction of min(p, q) in (0, 1]")
+    check(isinstance(hp["sync_every"], int) and hp["sync_every"] >= 1, "sync_every", hp["sync_every"], "an int >= 1")
+    check(hp["omega"] is None or 0 <= hp["omega"] <= 1, "omega", hp["omega"], "a number in [0, 1]")
+    check(hp["clip"] is None or hp["clip"] > 0, "clip", hp["clip"], "None (off) or a number > 0")
+    check(hp["moments_on_refresh"] in MOMENT_RULES, "moments_on_refresh", hp["moments_on_refresh"], str(MOMENT_RULES))
+    check(hp["proj_method"] in PROJ_METHODS, "proj_method", hp["proj_method"], str(PROJ_METHODS))
+    check(isinstance(hp["proj_every"], int) and hp["proj_every"] >= 1, "proj_every", hp["proj_every"], "an int >= 1")
+    check(isinstance(hp["proj_iters"], int) and hp["proj_iters"] >= 1, "proj_iters", hp["proj_iters"], "an int >= 1")
+    check(hp["proj_source"] in PROJ_SOURCES, "proj_source", hp["proj_source"], str(PROJ_SOURCES))
+    check(hp["outer_lr"] > 0, "outer_lr", hp["outer_lr"], "> 0")
+    check(0 <= hp["outer_momentum"] < 1, "outer_momentum", hp["outer_momentum"], "a number in [0, 1)")
+    check(hp["comm_dtype"] in COMM_DTYPES, "comm_dtype", hp["comm_dtype"], str(tuple(COMM_DTYPES)))
+    check(hp["nonfinite"] in NONFINITE_RULES, "nonfinite", hp["nonfinite"], str(NONFINITE_RULES))
+    check(hp["bucket_mb"] > 0, "bucket_mb", hp["bucket_mb"], "> 0")
+    check(hp["state_dtype"] in STATE_DTYPES, "state_dtype", hp["state_dtype"], str(tuple(STATE_DTYPES)))
+    check(isinstance(hp["host_anchor"], bool), "host_anchor", hp["host_anchor"], "True or False")
 
 
 def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -256,10 +266,6 @@ class _Bucket:
     explored: list[torch.Tensor] | None = field(default=None)  # diagnostics: union basis per matrix
     visits: torch.Tensor | None = None  # diagnostics: (n, p, p) sum of Q Q^T over refreshes
     work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
-
-
-def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return t.mT if transposed else t
 
 
 class _StateView(MutableMapping):
@@ -418,7 +424,7 @@ class LoRDO(torch.optim.Optimizer):
         for gi, g in enumerate(self.param_groups):
             for p in g["params"]:
                 if self._lowrank[i]:
-                    transposed = p.shape[0] > p.shape[1]
+                    transposed = is_transposed(p.shape)
                     shape = (min(p.shape), max(p.shape))
                     rank = resolve_rank(g["rank"], tuple(p.shape), self.names[i])
                     key = (gi, shape, rank, p.dtype, p.device, transposed)   # one storage layout a bucket
@@ -744,7 +750,7 @@ class LoRDO(torch.optim.Optimizer):
         accumulated straight into the weight, and contiguous passes over G, E and W."""
         g = b.group
         (b1, b2), lr, eps, omega = g["betas"], g["lr"], g["eps"], g["omega"]
-        G = [_oriented(x, t) for x, t in zip(grads, b.transposed)]                   # clipped, (p, q) views
+        G = [oriented(x, t) for x, t in zip(grads, b.transposed)]                   # clipped, (p, q) views
         low = b.work
         gen = self._rounding(1 + self.buckets.index(b))
         if b.ef is not None and gen is not None:          # low precision: E kept eagerly, rounded
@@ -799,7 +805,7 @@ class LoRDO(torch.optim.Optimizer):
 
     def _stacked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each bucket's matrices of `tensors` (indexed like self.params), oriented and stacked."""
-        return [torch.stack([_oriented(tensors[i], t) for i, t in zip(b.indices, b.transposed)])
+        return [torch.stack([oriented(tensors[i], t) for i, t in zip(b.indices, b.transposed)])
                 for b in self.buckets]
 
     def _refresh(self, sources: list[torch.Tensor], own: list[torch.Tensor] | None = None) -> None:

@@ -22,11 +22,9 @@ from matplotlib.ticker import FuncFormatter
 
 from lordo.analysis import ci95
 from lordo.files import write_json
+from lordo.optim import METHODS
 from lordo.paths import repo_path
 
-METHOD_ORDER = ("ddp", "lowrank_ddp", "local_adam", "lordo_local", "lordo_global", "lordo")
-LABELS = {"ddp": "DDP", "lowrank_ddp": "low-rank DDP", "local_adam": "Local AdamW (DiLoCo)",
-          "lordo_local": "LoRDO, local Q", "lordo_global": "LoRDO, global Q (ω = 1)", "lordo": "LoRDO"}
 _CB = sns.color_palette("colorblind")
 COLORS = {"ddp": _CB[7], "lowrank_ddp": _CB[0], "local_adam": _CB[2], "lordo_local": _CB[4], "lordo_global": _CB[1],
           "lordo": _CB[3]}
@@ -44,13 +42,14 @@ def style() -> None:
 
 
 def label(method: str) -> str:
-    return LABELS.get(method, method)
+    """A method's display name (lordo.optim.METHODS); other names as given."""
+    return METHODS[method].label if method in METHODS else method
 
 
 def order(methods: Any) -> list[str]:
-    """Methods present, in the package's fixed order (stable colors and legends across figures)."""
+    """Methods present, in lordo.optim.METHODS's order (stable colors and legends across figures)."""
     present = list(dict.fromkeys(methods))
-    return [m for m in METHOD_ORDER if m in present] + [m for m in present if m not in METHOD_ORDER]
+    return [m for m in METHODS if m in present] + [m for m in present if m not in METHODS]
 
 
 def labelled(df: pd.DataFrame) -> pd.DataFrame:
@@ -73,7 +72,7 @@ def variants(df: pd.DataFrame) -> pd.Series:
 
 def variant_order(df: pd.DataFrame) -> list[str]:
     keyed = df[["method", "omega"]].drop_duplicates()
-    keyed = keyed.assign(rank=keyed["method"].map(METHOD_ORDER.index)).sort_values(["rank", "omega"])
+    keyed = keyed.assign(rank=keyed["method"].map(list(METHODS).index)).sort_values(["rank", "omega"])
     return [variant_name(m, w) for m, w in zip(keyed["method"], keyed["omega"])]
 
 

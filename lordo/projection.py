@@ -17,6 +17,16 @@ import torch
 PROJ_METHODS = ("svd", "randomized", "power")
 
 
+def is_transposed(shape: tuple[int, ...] | torch.Size) -> bool:
+    """Whether a matrix is stored q x p with p < q: its projected (smaller) side is its second (GaLore's rule)."""
+    return shape[-2] > shape[-1]
+
+
+def oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A matrix (or a stack) as p x q, the projected side first: t itself, or t.mT if it is stored transposed."""
+    return t.mT if transposed else t
+
+
 def canonical_signs(Q: torch.Tensor) -> torch.Tensor:
     """Flip each column so that its largest-magnitude entry is positive."""
     idx = Q.abs().argmax(dim=-2, keepdim=True)
