@@ -8,11 +8,12 @@ saves each rank's results to OUT_DIR/rank{r}.pt; `run_methods` is what `run_simu
 import sys
 
 import torch
+from conftest import SMALL_GPT
 
 from lordo import METHODS, init_distributed, make_optimizer
-from lordo.model import GPT, ModelConfig
+from lordo.model import GPT
 
-CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=16)
+CFG = SMALL_GPT   # tests/conftest.py
 HP = dict(lr=3e-3, rank=4, sync_every=3, proj_every=3, proj_method="randomized", diagnostics=True)
 STEPS = 7
 

@@ -32,12 +32,7 @@ NANO = dict(preset="nano", workers=2, batch_size=2, seq_len=32, rank=4, sync_eve
 TIMING = ("wall_s", "tokens_per_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prepared_corpus():
-    """The smoke runs' corpus and tokenizer, prepared once: on a fresh clone the first preparation prints its
-    progress, which is not what the one-line error tests read."""
-    from lordo.data import prepare
-    prepare("shakespeare", "bpe", TrainConfig().vocab_size)
+pytestmark = pytest.mark.usefixtures("shakespeare")   # prepared first: its progress is not an error line
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -163,6 +158,7 @@ def test_force_never_deletes_what_lordo_did_not_write(tmp_path, capsys):
     assert (run.dir / "notes.txt").read_text() == "what I saw\n" and (run.dir / "summary.json").is_file()
 
 
+@pytest.mark.integration
 def test_a_second_writer_is_refused_naming_the_first(tmp_path, capsys):
     out = tmp_path / "run"
     first = start("train", *SMOKE, "--steps", "100000", "--eval-every", "100000", "--out", str(out))
@@ -196,6 +192,7 @@ def sim_straight(tmp_path_factory) -> Path:
     return uninterrupted(tmp_path_factory, "sim", SIM)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["sigint", "kill -9"])
 def test_interrupted_runs_resume_to_the_uninterrupted_result(how, sim_straight, tmp_path):
     args = SIM
@@ -228,6 +225,7 @@ def torchrun_straight(tmp_path_factory) -> Path:
     return uninterrupted(tmp_path_factory, "torchrun", TORCHRUN)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["sigint", "kill -9 a rank"])
 def test_torchrun_runs_stop_whole_and_resume_to_the_uninterrupted_result(how, torchrun_straight, tmp_path):
     out = tmp_path / "cut"
@@ -323,6 +321,7 @@ def test_what_is_not_a_run_or_an_export_is_one_line(tmp_path, capsys):
     assert "downstream" not in json.loads((run.dir / "summary.json").read_text())
 
 
+@pytest.mark.integration
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")

@@ -308,6 +308,7 @@ def test_bad_input(small):
     assert set(CORPORA) == {"shakespeare", "brown", "ptb", "hf:", "files:"}
 
 
+@pytest.mark.integration
 def test_hub_offline_message(small, tmp_path):
     """Offline, hf: corpora and hub tokenizers fail with one clear line; local datasets still load via hf:."""
     (tmp_path / "hf_data").mkdir()
@@ -336,6 +337,7 @@ def test_hub_offline_message(small, tmp_path):
         assert "'shakespeare', 'brown', 'ptb' or 'files:<glob>'" in line
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_brown_and_ptb():
     brown = prepare("brown")

@@ -10,6 +10,8 @@ from distributed_worker import run_methods
 
 from lordo import METHODS, run_simulated
 
+pytestmark = pytest.mark.integration   # torchrun / subprocess: tests/conftest.py
+
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 import lordo
-from lordo.data import prepare
 from lordo.evaluate import (
     CORE_TASKS,
     chunk_documents,
@@ -40,12 +39,7 @@ def make_run(run_dir, model, data):
 
 
 @pytest.fixture(scope="module")
-def data():
-    return prepare("shakespeare")
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, data):
+def run(tmp_path_factory, shakespeare):
     """A nano model trained by the trainer for a few steps, so its predictions are far from uniform (an
     off-by-one token or a wrong context boundary changes the scores)."""
     trained = lordo.train(method="lordo", preset="nano", workers=2, steps=30, batch_size=8, seq_len=SEQ_LEN,
@@ -75,12 +69,12 @@ def test_export_carries_the_model_maximum_length(run, tmp_path):
     assert AutoTokenizer.from_pretrained(out).model_max_length == PRESETS["nano"]["max_seq_len"]
 
 
-def test_export_logits_match(run, tmp_path, data):
+def test_export_logits_match(run, tmp_path, shakespeare):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # a second model with non-default rotary base and norm epsilon, to check they are carried over
     other = GPT(replace(model_config("nano", max_seq_len=SEQ_LEN), rope_theta=5e5, norm_eps=1e-6), seed=1)
-    for run_dir in (run, make_run(tmp_path / "other", other, data)):
+    for run_dir in (run, make_run(tmp_path / "other", other, shakespeare)):
         out = export_hf(run_dir, tmp_path / f"{run_dir.name}-hf")
         assert (out / "model.safetensors").is_file()
         hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()

@@ -213,6 +213,7 @@ def test_trainer_single_process(tmp_path):
     assert logged[-1] == opt.comm_stats()["payload_bytes"] > 0    # one worker's count: what M workers would send
 
 
+@pytest.mark.integration
 def test_under_torchrun_ddp_and_trainer_take_local_steps(tmp_path):
     """2 gloo processes: ranks differ between synchronizations and are equal after (sync_every=3,
     5 steps: equal after step 3 and after finish()); lordo counts its bytes; a model wrapped in

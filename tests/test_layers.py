@@ -96,6 +96,7 @@ def _fresh(code: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("module", MODULES)
 def test_every_module_imports_alone(module):
     done = _fresh(f"import {module}")
@@ -105,6 +106,7 @@ def test_every_module_imports_alone(module):
 HEAVY = ("torch", "torch.distributed", "tokenizers", "transformers", "lordo.trainer", "lordo.data")
 
 
+@pytest.mark.integration
 def test_lordo_help_loads_no_training_stack():
     code = ("import sys\nfrom lordo.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
             f"    assert e.code == 0\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))")
@@ -113,6 +115,7 @@ def test_lordo_help_loads_no_training_stack():
     assert "usage: lordo" in done.stdout and done.stdout.strip().endswith("[]"), done.stdout
 
 
+@pytest.mark.integration
 def test_analysis_and_plots_do_not_load_the_trainer():
     done = _fresh("import sys\nimport lordo.analysis, lordo.plots\n"
                   "print(sorted(m for m in ('lordo.trainer', 'lordo.launch', 'lordo.data') if m in sys.modules))")

@@ -84,6 +84,7 @@ def test_shared_runs_have_one_config():
     assert analysis.run_config(P, "lordo", moments_on_refresh="reset").hash() != analysis.run_config(P, "lordo").hash()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("bad", [dict(methods=["nope"]), dict(rank=-1), dict(stepz=5)],
                          ids=["method", "rank", "misspelt"])
 def test_bad_parameter_stops_at_first_cell(tmp_path, bad):

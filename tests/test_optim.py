@@ -7,35 +7,19 @@ import torch
 from torch import nn
 
 from lordo import METHODS, make_optimizer, run_simulated, split_params
-from lordo.model import GPT, ModelConfig
+from lordo.model import GPT
 from lordo.projection import PROJ_METHODS, compute_projection
 
-CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, d_ff=48, max_seq_len=16)
-HP = dict(lr=3e-3, rank=4, sync_every=3, proj_every=2, proj_method="svd")
 
-
-def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 * rank + step)
-    x = torch.randint(0, CFG.vocab_size, (4, 9), generator=gen)
-    return x[:, :-1], x[:, 1:]
-
-
-def train_steps(model, opt, rank, steps, start=0):
-    for step in range(start, start + steps):
-        model(*batch(rank, step))[1].backward()
-        opt.step()
-        opt.zero_grad()
-
-
-def test_split_params_follows_the_rule():
-    model = GPT(CFG)
+def test_split_params_follows_the_rule(gpt):
+    model = GPT(gpt.config)
     matrices, rest = split_params(model)
     assert matrices["lowrank"] and not rest["lowrank"]
     assert all(p.ndim == 2 for p in matrices["params"])
     assert "embed_tokens.weight" in rest["param_names"]       # embedding, tied to the head
     assert not any("lm_head" in n for n in rest["param_names"] + matrices["param_names"])  # tied: listed once
     assert all(n.endswith("norm.weight") for n in rest["param_names"] if n != "embed_tokens.weight")
-    assert len(matrices["params"]) == CFG.n_layers * 7
+    assert len(matrices["params"]) == gpt.config.n_layers * 7
 
 
 def test_untied_head_is_not_a_matrix():
@@ -51,32 +35,32 @@ def test_untied_head_is_not_a_matrix():
     (dict(lr=-1e-3), "lr=-0.001"), (dict(betas=(0.9, 1.0)), "betas=(0.9, 1.0)"), (dict(proj_method="qr"), "'qr'"),
     (dict(moments_on_refresh="swap"), "'swap'"), (dict(clip=0), "clip=0"), (dict(nonsense=1), "'nonsense'"),
 ])
-def test_bad_hyperparameters_name_the_value(hp, message):
+def test_bad_hyperparameters_name_the_value(gpt, hp, message):
     with pytest.raises(ValueError, match="allowed") as err:
-        make_optimizer("lordo", GPT(CFG), **hp)
+        make_optimizer("lordo", GPT(gpt.config), **hp)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
 
-def test_unknown_method_lists_the_methods():
+def test_unknown_method_lists_the_methods(gpt):
     with pytest.raises(ValueError, match="method='sgd' is unknown: allowed .*lordo_global"):
-        make_optimizer("sgd", GPT(CFG))
+        make_optimizer("sgd", GPT(gpt.config))
 
 
-def test_rank_above_a_matrix_names_the_parameter():
+def test_rank_above_a_matrix_names_the_parameter(gpt):
     with pytest.raises(ValueError, match=r"rank=33 is invalid for parameter 'layers.0.self_attn.q_proj.weight' "
                                          r"of shape \(32, 32\): allowed an int in \[1, 32\]"):
-        make_optimizer("lordo", GPT(CFG), rank=33)
+        make_optimizer("lordo", GPT(gpt.config), rank=33)
 
 
 @pytest.mark.parametrize("rule", ["raise", "skip"])
-def test_nonfinite_gradient_changes_nothing(rule):
-    model = GPT(CFG)
-    opt = make_optimizer("lordo", model, nonfinite=rule, **(HP | {"sync_every": 10}))
-    train_steps(model, opt, 0, 2)
+def test_nonfinite_gradient_changes_nothing(gpt, rule):
+    model = GPT(gpt.config)
+    opt = make_optimizer("lordo", model, nonfinite=rule, **(gpt.hp | {"sync_every": 10}))
+    gpt.train_steps(model, opt, 0, 2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state_before = opt.state_dict()
-    model(*batch(0, 5))[1].backward()
+    model(*gpt.batch(0, 5))[1].backward()
     model.layers[1].mlp.up_proj.weight.grad[0, 0] = float("nan")
     if rule == "raise":
         with pytest.raises(FloatingPointError, match="'layers.1.mlp.up_proj.weight' at step 2"):
@@ -92,26 +76,26 @@ def test_nonfinite_gradient_changes_nothing(rule):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_state_dict_loads_weights_only_and_resumes_bit_exactly(method):
+def test_state_dict_loads_weights_only_and_resumes_bit_exactly(gpt, method):
     """N straight steps == N/2 steps, save, load into a fresh model and optimizer, N/2 more."""
-    hp = dict(HP, proj_method="randomized", moments_on_refresh="rotate", outer_momentum=0.5, diagnostics=True)
+    hp = dict(gpt.hp, proj_method="randomized", moments_on_refresh="rotate", outer_momentum=0.5, diagnostics=True)
 
     def worker(comm, split):
-        model = GPT(CFG, seed=3)
+        model = GPT(gpt.config, seed=3)
         opt = make_optimizer(method, model, comm=comm, **hp)
         if not split:
-            train_steps(model, opt, comm.rank, 8)
+            gpt.train_steps(model, opt, comm.rank, 8)
             return model.state_dict(), opt.comm_stats()
-        train_steps(model, opt, comm.rank, 4)
+        gpt.train_steps(model, opt, comm.rank, 4)
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
         buf.seek(0)
         saved = torch.load(buf, weights_only=True)
-        model, opt = GPT(CFG, seed=99), None
+        model, opt = GPT(gpt.config, seed=99), None
         model.load_state_dict(saved["model"])
         opt = make_optimizer(method, model, comm=comm, **hp)
         opt.load_state_dict(saved["opt"])
-        train_steps(model, opt, comm.rank, 4, start=4)
+        gpt.train_steps(model, opt, comm.rank, 4, start=4)
         return model.state_dict(), opt.comm_stats()
 
     straight = run_simulated(worker, 2, False)
@@ -122,34 +106,34 @@ def test_state_dict_loads_weights_only_and_resumes_bit_exactly(method):
             assert torch.equal(a[k], b[k]), k
 
 
-def test_drop_in_single_process_with_a_torch_scheduler():
-    model = GPT(CFG)
-    opt = make_optimizer("lordo", model, **HP)
+def test_drop_in_single_process_with_a_torch_scheduler(gpt):
+    model = GPT(gpt.config)
+    opt = make_optimizer("lordo", model, **gpt.hp)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
     losses = []
     for step in range(12):
-        x, y = batch(0, step % 2)
+        x, y = gpt.batch(0, step % 2)
         loss = model(x, y)[1]
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert opt.param_groups[0]["lr"] == pytest.approx(HP["lr"] / 13)
+    assert opt.param_groups[0]["lr"] == pytest.approx(gpt.hp["lr"] / 13)
     assert losses[-1] < losses[0] - 0.1
 
 
-def test_communication_accounting():
+def test_communication_accounting(gpt):
     """ddp sends every parameter every step; lordo every parameter every K steps, plus its first Q."""
     def worker(comm, method):
-        model = GPT(CFG)
-        opt = make_optimizer(method, model, comm=comm, **HP)
-        train_steps(model, opt, comm.rank, 6)
+        model = GPT(gpt.config)
+        opt = make_optimizer(method, model, comm=comm, **gpt.hp)
+        gpt.train_steps(model, opt, comm.rank, 6)
         return opt.comm_stats(), model.num_params(), sum(p.numel() for p in split_params(model)[0]["params"])
 
     (ddp, n_params, n_matrix), _ = run_simulated(worker, 2, "ddp")
     (lordo, _, _), _ = run_simulated(worker, 2, "lordo")
-    init, n_tensors, check = n_params * 4, len(list(GPT(CFG).parameters())), 16
+    init, n_tensors, check = n_params * 4, len(list(GPT(gpt.config).parameters())), 16
     # with the gradients, one flag per tensor: who has a gradient (grad=None ones stay untouched)
     assert ddp["by_kind"]["gradients"] == {"collectives": 6, "payload_bytes": 6 * (n_params + n_tensors) * 4}
     assert lordo["by_kind"]["sync"] == {"collectives": 2, "payload_bytes": 2 * n_params * 4}
@@ -161,11 +145,11 @@ def test_communication_accounting():
     assert ddp["ring_wire_factor"] == 1.0 and ddp["wire_bytes"] == ddp["payload_bytes"]
 
 
-def test_memory_accounting_matches_allocated_state():
-    model = GPT(CFG)
-    opt = make_optimizer("lordo", model, outer_momentum=0.9, **HP)
+def test_memory_accounting_matches_allocated_state(gpt):
+    model = GPT(gpt.config)
+    opt = make_optimizer("lordo", model, outer_momentum=0.9, **gpt.hp)
     stats = opt.memory_stats()
-    train_steps(model, opt, 0, 1)
+    gpt.train_steps(model, opt, 0, 1)
     assert opt.memory_stats() == stats
     n = sum(p.numel() for p in model.parameters()) * 4
     assert stats["anchor"] == stats["outer_momentum"] == n
@@ -176,7 +160,7 @@ def test_memory_accounting_matches_allocated_state():
     assert stats["moments"] == 2 * rest + sum(2 * 4 * max(p.shape) * 4 for p in matrices)
     assert stats["total"] == sum(v for k, v in stats.items() if k not in ("total", "device", "host"))
     assert stats["host"] == stats["total"] and stats["device"] == 0     # a CPU run: all in host memory
-    adam = make_optimizer("ddp", GPT(CFG)).memory_stats()
+    adam = make_optimizer("ddp", GPT(gpt.config)).memory_stats()
     assert adam == {"moments": 2 * n, "projection": 0, "error_feedback": 0, "anchor": 0, "outer_momentum": 0,
                     "total": 2 * n, "device": 0, "host": 2 * n}
 

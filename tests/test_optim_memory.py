@@ -10,8 +10,6 @@ import io
 
 import pytest
 import torch
-from test_optim import CFG, HP, train_steps
-from test_optim_reference import BASE, MATRICES, STEPS, fast_train, grad_fn, init_params
 
 from lordo import METHODS, make_optimizer, run_simulated
 from lordo.model import GPT
@@ -57,13 +55,13 @@ def test_rounded_running_sums_do_not_drift():
     ("lordo", {}), ("lordo", {"moments_on_refresh": "rotate", "weight_decay": 0.1}), ("lowrank_ddp", {}),
     ("lordo_local", {"moments_on_refresh": "rotate"}), ("local_adam", {"outer_lr": 0.7, "outer_momentum": 0.9}),
     ("ddp", {})])
-def test_bfloat16_state_matches_the_reference_to_its_rounding(method, case):
-    hp = {**BASE, **case}
-    exact = reference_train(method, init_params(), grad_fn, 2, STEPS, matrices=MATRICES, **hp)
-    rounded = reference_train(method, init_params(), grad_fn, 2, STEPS, matrices=MATRICES, state_dtype="bfloat16",
-                              **hp)
-    got = fast_train(method, 2, STEPS, {**hp, "state_dtype": "bfloat16"})
-    moved = max((exact[0][n] - p).abs().max().item() for n, p in init_params().items())
+def test_bfloat16_state_matches_the_reference_to_its_rounding(toy, method, case):
+    hp = {**toy.base, **case}
+    exact = reference_train(method, toy.init_params(), toy.grad_fn, 2, toy.steps, matrices=toy.matrices, **hp)
+    rounded = reference_train(method, toy.init_params(), toy.grad_fn, 2, toy.steps, matrices=toy.matrices,
+                              state_dtype="bfloat16", **hp)
+    got = toy.fast_train(method, 2, toy.steps, {**hp, "state_dtype": "bfloat16"})
+    moved = max((exact[0][n] - p).abs().max().item() for n, p in toy.init_params().items())
     noise = max((rounded[m][n] - exact[m][n]).abs().max().item() for m in range(2) for n in exact[0])
     assert 1e-7 < noise < 1e-2 * moved          # the reference's own rounding: visible and small
     assert max((got[m][n] - exact[m][n]).abs().max().item() for m in range(2) for n in exact[0]) > 1e-7
@@ -72,11 +70,11 @@ def test_bfloat16_state_matches_the_reference_to_its_rounding(method, case):
             torch.testing.assert_close(got[m][n], rounded[m][n], rtol=0, atol=4 * noise)
 
 
-def test_bfloat16_state_is_stored_in_bfloat16_and_counted():
-    model = GPT(CFG)
-    opt = make_optimizer("lordo", model, state_dtype="bfloat16", **HP)
-    full = make_optimizer("lordo", GPT(CFG), **HP).memory_stats()
-    train_steps(model, opt, 0, 4)
+def test_bfloat16_state_is_stored_in_bfloat16_and_counted(gpt):
+    model = GPT(gpt.config)
+    opt = make_optimizer("lordo", model, state_dtype="bfloat16", **gpt.hp)
+    full = make_optimizer("lordo", GPT(gpt.config), **gpt.hp).memory_stats()
+    gpt.train_steps(model, opt, 0, 4)
     b = opt.buckets[0]
     assert b.exp_avg.dtype == b.exp_avg_sq.dtype == b.ef.dtype == BF16 and b.Q.dtype == torch.float32
     adamw = [opt.state[opt.params[i]] for i in opt.full]
@@ -91,23 +89,23 @@ def test_bfloat16_state_is_stored_in_bfloat16_and_counted():
     assert sum(b.ef.numel() * 2 for b in opt.buckets) == stats["error_feedback"]
 
 
-def test_memory_stats_split_device_and_host():
-    opt = make_optimizer("lordo", GPT(CFG), host_anchor=True, outer_momentum=0.5, **HP)
+def test_memory_stats_split_device_and_host(gpt):
+    opt = make_optimizer("lordo", GPT(gpt.config), host_anchor=True, outer_momentum=0.5, **gpt.hp)
     cpu = opt.memory_stats()
     assert cpu["device"] == 0 and cpu["host"] == cpu["total"]     # CPU: everything is host memory
     gpu = opt.memory_stats(accelerator=True)
     assert gpu["host"] == gpu["anchor"] + gpu["outer_momentum"] > 0
     assert gpu["device"] == gpu["moments"] + gpu["projection"] + gpu["error_feedback"]
-    resident = make_optimizer("lordo", GPT(CFG), outer_momentum=0.5, **HP).memory_stats(accelerator=True)
+    resident = make_optimizer("lordo", GPT(gpt.config), outer_momentum=0.5, **gpt.hp).memory_stats(accelerator=True)
     assert resident["device"] == resident["total"] == gpu["total"] and resident["host"] == 0
 
 
 @pytest.mark.parametrize("method", ["lordo", "local_adam"])
-def test_host_anchor_changes_nothing_but_placement(method):
+def test_host_anchor_changes_nothing_but_placement(gpt, method):
     def run(host_anchor):
-        model = GPT(CFG, seed=3)
-        opt = make_optimizer(method, model, host_anchor=host_anchor, outer_momentum=0.5, **HP)
-        train_steps(model, opt, 0, 7)
+        model = GPT(gpt.config, seed=3)
+        opt = make_optimizer(method, model, host_anchor=host_anchor, outer_momentum=0.5, **gpt.hp)
+        gpt.train_steps(model, opt, 0, 7)
         return model.state_dict()
 
     a, b = run(False), run(True)
@@ -115,25 +113,25 @@ def test_host_anchor_changes_nothing_but_placement(method):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_bfloat16_state_resumes_bit_exactly(method):
-    hp = dict(HP, proj_method="randomized", moments_on_refresh="rotate", state_dtype="bfloat16", host_anchor=True)
+def test_bfloat16_state_resumes_bit_exactly(gpt, method):
+    hp = dict(gpt.hp, proj_method="randomized", moments_on_refresh="rotate", state_dtype="bfloat16", host_anchor=True)
 
     def worker(comm, split):
-        model = GPT(CFG, seed=3)
+        model = GPT(gpt.config, seed=3)
         opt = make_optimizer(method, model, comm=comm, **hp)
         if not split:
-            train_steps(model, opt, comm.rank, 8)
+            gpt.train_steps(model, opt, comm.rank, 8)
             return model.state_dict()
-        train_steps(model, opt, comm.rank, 4)
+        gpt.train_steps(model, opt, comm.rank, 4)
         buf = io.BytesIO()
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
         buf.seek(0)
         saved = torch.load(buf, weights_only=True)
-        model = GPT(CFG, seed=99)
+        model = GPT(gpt.config, seed=99)
         model.load_state_dict(saved["model"])
         opt = make_optimizer(method, model, comm=comm, **hp)
         opt.load_state_dict(saved["opt"])
-        train_steps(model, opt, comm.rank, 4, start=4)
+        gpt.train_steps(model, opt, comm.rank, 4, start=4)
         return model.state_dict()
 
     straight, resumed = run_simulated(worker, 2, False), run_simulated(worker, 2, True)
@@ -141,8 +139,8 @@ def test_bfloat16_state_resumes_bit_exactly(method):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bad_memory_options_name_the_value():
+def test_bad_memory_options_name_the_value(gpt):
     with pytest.raises(ValueError, match="state_dtype='float16' is invalid: allowed"):
-        make_optimizer("lordo", GPT(CFG), state_dtype="float16")
+        make_optimizer("lordo", GPT(gpt.config), state_dtype="float16")
     with pytest.raises(ValueError, match="host_anchor='yes' is invalid: allowed"):
-        make_optimizer("lordo", GPT(CFG), host_anchor="yes")
+        make_optimizer("lordo", GPT(gpt.config), host_anchor="yes")

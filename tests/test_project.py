@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,6 +35,7 @@ def test_installed_versions_match_the_pins():
         assert version(name).split("+")[0] == pinned, name
 
 
+@pytest.mark.integration
 def test_command_line_help_works():
     done = subprocess.run([sys.executable, "-m", "lordo.cli", "train", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--sync-every" in done.stdout and "--launcher" in done.stdout
@@ -48,6 +50,7 @@ def test_pyproject_declares_torch_and_the_reproduction_extra():
     assert pinned - declared == {"torch", "pytest", "ruff", "nbmake"}     # the rest: test and lint tools
 
 
+@pytest.mark.integration
 def test_optimizer_needs_only_torch():
     """`pip install lordo` gives torch alone: the optimizer must import and step without the rest."""
     reproduction = ["yaml", "numpy", "pandas", "scipy", "transformers", "datasets", "tokenizers", "matplotlib"]
@@ -60,6 +63,7 @@ def test_optimizer_needs_only_torch():
     assert done.stdout.strip() == "['0.weight']"       # the last Linear is the output layer: full-rank
 
 
+@pytest.mark.integration
 def test_make_lab_allows_root_only_as_root():
     import os
     done = subprocess.run(["make", "-n", "lab"], capture_output=True, text=True, cwd=REPO)

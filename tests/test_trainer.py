@@ -41,6 +41,7 @@ def close(a: list[dict], b: list[dict], rel: float) -> bool:
     return True
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_simulated_and_torchrun_give_equal_metrics(method, tmp_path):
     sim = lordo.train(method=method, runs_dir=str(tmp_path / "sim"), **NANO)
@@ -167,12 +168,14 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
     (["train", "--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["train", "--resume", "--out", "/nonexistent/run"], "nothing to resume in /nonexistent/run"),
 ])
+@pytest.mark.integration
 def test_cli_errors_are_one_line(args, message):
     done = cli(*args)
     assert done.returncode == 2
     assert message in done.stderr and done.stderr.count("\n") == 1, done.stderr
 
 
+@pytest.mark.integration
 def test_cli_trains_and_reports(tmp_path):
     done = cli("train", "--method", "lordo", "--preset", "nano", "--workers", "2", "--steps", "4",
                "--batch-size", "2", "--seq-len", "32", "--rank", "4", "--sync-every", "2", "--eval-batches", "1",
@@ -183,6 +186,7 @@ def test_cli_trains_and_reports(tmp_path):
     assert cfg["betas"] == [0.9, 0.99] and cfg["rank"] == 4 and cfg["progress"] is False
 
 
+@pytest.mark.integration
 def test_a_killed_rank_fails_the_run_by_name_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen(
