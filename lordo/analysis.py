@@ -23,12 +23,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from scipy import stats
 
 from lordo import wallclock as wc
 from lordo.comm import cpu_threads
-from lordo.config import LAUNCHERS, TrainConfig, is_int, is_number, make_config
+from lordo.config import (
+    LAUNCHERS,
+    TrainConfig,
+    for_method,
+    is_int,
+    is_number,
+    make_config,
+    read_config_file,
+    unused_fields,
+)
 from lordo.files import write_atomic, write_json
 from lordo.model import GPT, PRESETS, model_config
 from lordo.optim import DEFAULTS, MEMORY_OPTIONS, METHODS, MOMENT_RULES, is_rank, make_optimizer, resolve_rank
@@ -97,7 +105,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "downstream_limit": (lambda v: v is None or _int(1)(v), "None (every document) or an int >= 1"),
     "launcher": (lambda v: v in LAUNCHERS, f"one of {list(LAUNCHERS)}"),
     "config_dir": (lambda v: v is None or isinstance(v, str) and (repo_path(v)).is_dir(),
-                   "None, or a directory of <preset>_<method>.yaml files"),
+                   "None, or a directory of <preset>.yaml files (as configs/paper)"),
     "ladder_overrides": (lambda v: v is None or isinstance(v, dict) and all(
         k in PRESETS and isinstance(o, dict) for k, o in v.items()), "None or {preset: {config field: value}}"),
     "results_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
@@ -165,7 +173,8 @@ def min_side(preset: str) -> int:
 
 # ---------------------------------------------------------------------- run configs
 def run_config(P: dict[str, Any], method: str, **overrides: Any) -> TrainConfig:
-    """One run: the notebook's TRAIN_FIELDS, under P["config_dir"] the file <preset>_<method>.yaml, then overrides.
+    """One run: the notebook's TRAIN_FIELDS, under P["config_dir"] the file <preset>.yaml (as `method` reads it:
+    lordo.config.for_method), then overrides.
 
     Fields the method ignores are dropped, ranks become ints and optimizer fields at their defaults are left
     unset, so that the same run asked for by two notebooks has one config hash and is trained once.
@@ -174,18 +183,14 @@ def run_config(P: dict[str, Any], method: str, **overrides: Any) -> TrainConfig:
     fields |= {k: v for k, v in overrides.items() if v is not None}
     base: dict[str, Any] = {}
     if P.get("config_dir"):
-        path = repo_path(P["config_dir"]) / f"{fields.get('preset', 'tiny')}_{method}.yaml"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist")
-        base = yaml.safe_load(path.read_text()) or {}
+        base = for_method(read_config_file(repo_path(P["config_dir"]) / f"{fields.get('preset', 'tiny')}.yaml"),
+                          method)
     m = METHODS[method]
     preset = fields.get("preset", base.get("preset", "tiny"))
     if "rank" in fields and isinstance(fields["rank"], float):
         fields["rank"] = matrix_rank(fields["rank"], preset)
-    ignored = {"rank": not m.lowrank, "omega": not m.lowrank, "moments_on_refresh": not m.lowrank,
-               "sync_every": not m.local, "proj_every": m.projection != "gradient"}
-    for k, drop in ignored.items():
-        if drop or fields.get(k) == (m.omega if k == "omega" else DEFAULTS.get(k)):
+    for k in ("rank", "omega", "moments_on_refresh", "sync_every", "proj_every"):
+        if k in unused_fields(method) or fields.get(k) == (m.omega if k == "omega" else DEFAULTS.get(k)):
             fields.pop(k, None)
     return make_config({**base, **fields, "method": method, "progress": False})
 

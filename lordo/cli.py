@@ -2,7 +2,7 @@
 
     lordo train --method lordo --preset tiny --corpus shakespeare --workers 4 --steps 300 \\
                 --batch-size 8 --seq-len 128 --rank 8 --sync-every 16 --omega 0.7 --lr 3e-3 --out runs/x
-    lordo train --config configs/paper/720m_lordo.yaml --launcher torchrun --nproc-per-node 8
+    lordo train --config configs/paper/720m.yaml --method lordo --launcher torchrun --nproc-per-node 8
     lordo prepare --corpus brown
     lordo export runs/x --to exported/x
     lordo eval runs/x --tasks core --limit 100

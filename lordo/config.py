@@ -1,7 +1,7 @@
 """A training run's configuration: plain data, checked when it is made, hashed to key results.
 
     cfg = TrainConfig(method="lordo", preset="tiny", workers=4, steps=300)
-    cfg = load_config("configs/paper/720m_lordo.yaml", steps=1000)   # a file plus overrides
+    cfg = load_config("configs/paper/720m.yaml", method="lordo", steps=1000)   # a file plus overrides
 
 Fields split in two: what determines the result (hashed: two configs with the same hash give
 the same run) and how it is executed (`EXECUTION_FIELDS`: launcher, device, output place...).
@@ -309,8 +309,23 @@ def make_config(base: dict[str, Any] | None = None, **overrides: Any) -> TrainCo
     return TrainConfig(**data)
 
 
-def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a YAML or JSON file, plus overrides."""
+def unused_fields(method: str) -> tuple[str, ...]:
+    """The optimizer fields `method` never reads: rank, omega and moments of a full-rank method, sync_every of a
+    method that all-reduces every step, proj_every of all but lowrank_ddp."""
+    m = METHODS[method]
+    unused = {"rank": not m.lowrank, "omega": not m.lowrank, "moments_on_refresh": not m.lowrank,
+              "sync_every": not m.local, "proj_every": m.projection != "gradient"}
+    return tuple(k for k, drop in unused.items() if drop)
+
+
+def for_method(data: dict[str, Any], method: str) -> dict[str, Any]:
+    """A config file without `method:` (one file for every method, as configs/paper/<size>.yaml) as `method`
+    reads it: the fields that method does not use left out, so each method's run is what its own file gave."""
+    return {k: v for k, v in data.items() if k not in unused_fields(method)} | {"method": method}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML or JSON file's mapping of fields; one line naming the file when it is missing or not one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
@@ -325,7 +340,19 @@ def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
         raise ValueError(f"config file {str(path)!r} is not text (YAML or JSON)") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of field: value")
+    return data
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a YAML or JSON file, plus overrides. A file without `method:` serves every method
+    (`for_method`): the method comes from the overrides, else the default."""
+    data = read_config_file(path)
     try:
+        if "method" not in data:
+            method = overrides.get("method") or TrainConfig.method
+            if method not in METHODS:
+                raise ValueError(f"config field method={method!r} is invalid: allowed one of {sorted(METHODS)}")
+            data = for_method(data, method)
         return make_config(data, **overrides)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import lordo
 from lordo import METHODS
@@ -148,12 +149,42 @@ def test_config_file_errors_name_the_file_and_field(tmp_path):
     assert load_config(path, steps=5) == TrainConfig(method="lordo", rank=8, sync_every=16, steps=5)
 
 
-def test_paper_configs_load():
-    paths = sorted((REPO / "configs" / "paper").glob("*.yaml"))
-    assert len(paths) >= 12
-    for path in paths:
-        cfg = load_config(path)
-        assert cfg.preset in ("125m", "350m", "720m") and cfg.launcher == "torchrun" and cfg.bf16
+GOLDEN = json.loads((REPO / "tests" / "golden" / "paper_configs.json").read_text())
+
+
+@pytest.mark.parametrize("size", ["125m", "350m", "720m"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_paper_configs_give_the_runs_the_method_files_gave(size, method):
+    """configs/paper/<size>.yaml with --method gives each (size, method) the TrainConfig, and so the config hash
+    and cached run, that its own file configs/paper/<size>_<method>.yaml gave before the 18 files became 3.
+    tests/golden/paper_configs.json was written from those files at the commit before (2a604be^) by
+
+        files = {p.stem: load_config(p) for p in sorted(Path("configs/paper").glob("*.yaml"))}
+        P = yaml.safe_load(Path("notebooks/params/paper.yaml").read_text())
+        runs = {f"{preset}_{m}": analysis.run_config(P | {"preset": preset}, m, seed=1).hash()
+                for preset in ("125m", "350m", "720m") for m in METHODS}
+        json.dumps({"config_hashes": {k: c.hash() for k, c in files.items()},
+                    "configs": {k: c.to_dict() for k, c in files.items()}, "notebook_runs": runs})
+
+    run from the checkout root; the paper notebooks' runs (config_dir: configs/paper) keep their hashes too."""
+    from lordo import analysis
+    name = f"{size}_{method}"
+    cfg = load_config(REPO / "configs" / "paper" / f"{size}.yaml", method=method)
+    assert cfg.hash() == GOLDEN["config_hashes"][name]
+    new_fields = {k: None for k in ("proj_iters", "nonfinite", "bucket_mb")}   # TrainConfig fields added since
+    assert cfg.to_dict() == GOLDEN["configs"][name] | new_fields
+    assert cfg.launcher == "torchrun" and cfg.bf16
+    P = yaml.safe_load((REPO / "notebooks" / "params" / "paper.yaml").read_text())
+    assert analysis.run_config(P | {"preset": size}, method, seed=1).hash() == GOLDEN["notebook_runs"][name]
+
+
+def test_a_config_file_for_every_method_defaults_to_lordo_and_names_a_bad_method(tmp_path):
+    path = REPO / "configs" / "paper" / "125m.yaml"
+    assert load_config(path).method == "lordo" and load_config(path).rank == 0.25
+    assert load_config(path, method="ddp").rank is None and load_config(path, method="ddp").sync_every is None
+    assert load_config(path, method="ddp", rank=8).rank == 8        # what the command line says is kept
+    with pytest.raises(ValueError, match=r"125m.yaml: config field method='sgd' is invalid: allowed one of"):
+        load_config(path, method="sgd")
 
 
 def cli(*args: str, **kw) -> subprocess.CompletedProcess:
