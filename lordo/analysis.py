@@ -45,6 +45,9 @@ from lordo.projection import compute_projection, is_transposed, oriented, projec
 from lordo.runs import Run, runs_root
 
 LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+# The parameters every notebook 00-04 has (notebook_params): the shared TRAIN_FIELDS, seeds, where things go.
+SHARED_PARAMS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_every", "proj_every", "rank",
+                 "eval_every", "eval_batches", "seeds", "launcher", "config_dir", "results_dir", "figures_dir")
 # Notebook parameters that are TrainConfig fields shared by every run of a notebook (None: the config
 # file's value under config_dir, else the package default).
 TRAIN_FIELDS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_every", "proj_every", "rank",
@@ -118,12 +121,26 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "local_steps", "reference_workers", "ref_batch_size", "low_memory_batch_size")}
 
 
+def notebook_params(namespace: dict[str, Any], *own: str) -> dict[str, Any]:
+    """A notebook's parameters, read from its globals (the parameters cell, as papermill set them) and checked:
+    the ones every notebook has (SHARED_PARAMS) and the notebook's `own`.
+
+        P = analysis.notebook_params(globals(), "methods", "ranks")     # the cell after the parameters cell
+
+    The notebook then reads only P. One-line ValueError as check_params."""
+    return _checked({name: namespace[name] for name in (*SHARED_PARAMS, *own)}, namespace)
+
+
 def check_params(**params: Any) -> dict[str, Any]:
     """Validate a notebook's parameters; return them as a dict. Raises a one-line ValueError naming the first
     bad one. TRAIN_FIELDS may be None (taken from config_dir's files or the package defaults). Called from a
     notebook that papermill ran, a name papermill injected that the notebook does not pass here (a misspelt
     `-p` name) is an error too: the notebook would otherwise run silently on its default."""
-    for name in sorted(_papermill_names(sys._getframe(1).f_globals) - set(params)):
+    return _checked(params, sys._getframe(1).f_globals)
+
+
+def _checked(params: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any]:
+    for name in sorted(_papermill_names(namespace) - set(params)):
         raise ValueError(f"unknown notebook parameter {name!r} (given to papermill): allowed {sorted(params)}")
     for name, value in params.items():
         if name not in CHECKS:
@@ -207,6 +224,12 @@ def train_all(configs: list[TrainConfig], desc: str = "runs") -> list[Run]:
             bar.set_postfix_str(f"{cfg.method} {cfg.preset} seed={cfg.seed}")
             runs.append(train(cfg))
     return runs
+
+
+def train_groups(groups: dict[str, list[TrainConfig]], desc: str = "runs") -> dict[str, list[Run]]:
+    """train_all over named groups of configs (one progress bar); the runs by the same names."""
+    runs = iter(train_all([cfg for configs in groups.values() for cfg in configs], desc))
+    return {name: [next(runs) for _ in configs] for name, configs in groups.items()}
 
 
 # ---------------------------------------------------------------------- tables
@@ -535,11 +558,11 @@ def time_saved(times: pd.DataFrame, method: str = "lordo", baseline: str = "lowr
 
 
 def time_saved_verdict(saved: pd.DataFrame, reduction: float, claimed: float) -> str:
-    """Claim 4's ~10x communication cut as time: 'supported' when the bytes fall by at least 0.8x the claimed
-    factor and that saves time at the slowest bandwidth of `saved` (one preset's rows of time_saved);
-    'not supported' otherwise, saying which part fails."""
+    """Claim 4's ~10x communication cut as time: 'supported' when the bytes fall by at least COMM_REDUCTION_SHARE
+    of the claimed factor and that saves time at the slowest bandwidth of `saved` (one preset's rows of
+    time_saved); 'not supported' otherwise, saying which part fails."""
     slow, fast = saved.loc[saved["gbps"].idxmin()], saved.loc[saved["gbps"].idxmax()]
-    if reduction < 0.8 * claimed:
+    if comm_reduction_verdict(reduction, claimed) != "supported":
         return f"not supported (bytes fall {reduction:.1f}x, the paper ~{claimed:g}x)"
     if slow["saved"] <= 0:
         return f"not supported (no time saved even at {slow['gbps']:g} Gb/s)"
@@ -570,6 +593,65 @@ def downstream(runs: list[Run], tasks: str, limit: int | None) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- claims
+# When a measurement counts as agreeing with a claim the paper states in words (notebooks 00-04).
+COMM_REDUCTION_SHARE = 0.8     # claim 4: the bytes fall by at least this share of the paper's factor (~10x)
+STAGNANT_SIMILARITY = 0.99     # claim 2: consecutive projections at least this similar have not moved...
+STAGNANT_EXPLORED = 1.05       # ... and the subspaces visited span at most this many times r
+EXPLORING_EXPLORED = 1.5       # claim 3: the subspaces visited span more than this many times r
+SQRT_B_SLOPE = -0.5            # claim 1: the slope of log noise against log B of a 1/sqrt(B) fall
+STATE_RATIO_TOLERANCE = 0.01   # claim 6: measured low-rank state / AdamW's within this of r(p+2q)/(2pq)
+
+
+def comm_reduction_verdict(reduction: float, claimed: float) -> str:
+    """Claim 4's communication cut: `reduction` (x fewer bytes than the baseline) against the paper's factor."""
+    return "supported" if reduction >= COMM_REDUCTION_SHARE * claimed else "not supported"
+
+
+def local_noisier(noise: pd.DataFrame, source: str) -> bool:
+    """Whether one worker's projection (local) is farther from the reference than M workers' (global) at every
+    batch size, in the mean over matrices and repeats of projection_noise's table."""
+    mean = noise[noise["source"] == source].groupby(["batch_size", "estimate"])["distance"].mean().unstack()
+    return bool((mean["local"] > mean["global"]).all())
+
+
+def noise_verdict(fits: pd.DataFrame, local_worse: bool) -> str:
+    """Claim 1 from the slopes of log noise against log B (rows of slope_fits, one per measure, with lo and hi):
+    supported when noise falls (every interval below 0), local estimates are noisier and some measure is
+    consistent with 1/sqrt(B); 'partly' when it falls more slowly; not supported when some measure rises."""
+    falls = bool((fits["hi"] < 0).all())
+    consistent = bool(((fits["lo"] <= SQRT_B_SLOPE) & (SQRT_B_SLOPE <= fits["hi"])).any())
+    if falls and local_worse:
+        return "supported" if consistent else "partly: noise falls with B, more slowly than 1/sqrt(B)"
+    return "not supported" if bool((fits["lo"] > 0).any()) else "inconclusive"
+
+
+def stagnation_verdict(similarity: float, explored: float, rank: int) -> str:
+    """Claim 2: with omega = 1 the projection stays in one rank-r subspace (mean basis similarity of consecutive
+    projections, dimension of all subspaces visited)."""
+    stuck = similarity > STAGNANT_SIMILARITY and explored <= STAGNANT_EXPLORED * rank
+    return "supported" if stuck else "not supported"
+
+
+def exploration_verdict(explored: float, rank: int, similarity: float, similarity_without: float) -> str:
+    """Claim 3: the full-rank QH term (omega < 1) explores beyond r dimensions and moves the projection more than
+    the run without it (`similarity_without`: lordo_global's)."""
+    return "supported" if explored > EXPLORING_EXPLORED * rank and similarity < similarity_without \
+        else "not supported"
+
+
+def moments_verdict(best: str, gaps: dict[str, dict[str, Any]]) -> str:
+    """The moments_on_refresh decision: the best option, and whether every other one is worse beyond the 95%
+    interval of its paired gap to it (`gaps`: option -> paired_gap against `best`)."""
+    clear = all(g["lo"] > 0 and g["n"] > 1 for g in gaps.values())
+    return f"{best} best" + (", ahead of every other option beyond the 95% interval" if clear else
+                             ", not separated from every option at 95%")
+
+
+def state_verdict(ratio: float, predicted: float) -> str:
+    """Claim 6: the measured low-rank state against AdamW's is what the shapes predict (matrix_state)."""
+    return "supported" if abs(ratio - predicted) < STATE_RATIO_TOLERANCE else "not supported"
+
+
 def paper_reference() -> dict[str, Any]:
     return json.loads((REPO / "data" / "paper_reference.json").read_text())
 

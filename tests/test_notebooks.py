@@ -36,7 +36,8 @@ def test_committed_clean(path):
     assert nb.cells[0].cell_type == "markdown" and "Claim" in nb.cells[0].source
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
     assert tagged == [1], "one parameters cell, right after the claim"
-    assert "check_params(" in nb.cells[2].source, "parameters are validated in the next cell"
+    assert "notebook_params(globals()" in nb.cells[2].source or "check_params(" in nb.cells[2].source, \
+        "parameters are validated in the next cell"
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None, "commit notebooks without outputs"
@@ -74,6 +75,18 @@ def test_check_params_one_line_errors(bad, message):
     assert "\n" not in str(e.value)
 
 
+def test_notebook_params_reads_the_shared_and_own_names_from_the_globals():
+    namespace = dict(PRESETS["smoke"], methods=["ddp", "lordo"], unrelated=1)
+    P = analysis.notebook_params(namespace, "methods")
+    assert set(P) == set(analysis.SHARED_PARAMS) | {"methods"} and P["methods"] == ["ddp", "lordo"]
+    assert all(P[k] == PRESETS["smoke"][k] for k in analysis.SHARED_PARAMS)
+    injected = "# Parameters\nsteps = 4\nstepz = 5\n"          # what papermill's injected cell holds
+    with pytest.raises(ValueError, match="unknown notebook parameter 'stepz' \\(given to papermill\\)"):
+        analysis.notebook_params(namespace | {"In": ["import x", injected]}, "methods")
+    with pytest.raises(ValueError, match="parameter seeds=\\[-1\\] is invalid"):
+        analysis.notebook_params(namespace | {"seeds": [-1]}, "methods")
+
+
 def test_shared_runs_have_one_config():
     P = analysis.check_params(**PRESETS["cpu"])
     # what a notebook leaves at a default or a method ignores does not change the run
@@ -97,10 +110,11 @@ def test_bad_parameter_stops_at_first_cell(tmp_path, bad):
         assert "unknown notebook parameter 'stepz'" in e.value.evalue and "'steps'" in e.value.evalue
     cells = [c for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells if c.cell_type == "code"]
     injected = next(i for i, c in enumerate(cells) if "injected-parameters" in c.metadata.get("tags", []))
-    assert "check_params(" in e.value.source and cells[injected + 1].source == e.value.source
+    assert "notebook_params(" in e.value.source and cells[injected + 1].source == e.value.source
     assert [c.execution_count is not None for c in cells] == [i <= injected + 1 for i in range(len(cells))]
 
 
+@pytest.mark.integration
 def test_papermill_with_other_parameters(tmp_path, monkeypatch):
     monkeypatch.setenv("LORDO_RUNS_DIR", str(tmp_path / "runs"))
     path = NOTEBOOKS[0]
