@@ -37,7 +37,8 @@ def _train_parser(sub: argparse._SubParsersAction, options: bool) -> None:
     from dataclasses import fields
 
     from lordo.config import TrainConfig, field_help
-    p.add_argument("--config", help="YAML/JSON file of TrainConfig fields (options given here override it)")
+    p.add_argument("--config", help="YAML/JSON file of TrainConfig fields (options given here override it); a "
+                                    "file without method: serves every method, as configs/paper/<size>.yaml")
     p.add_argument("--force", action="store_true",
                    help="retrain even if a finished run is cached (replaces only files lordo wrote)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
