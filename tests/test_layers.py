@@ -28,8 +28,8 @@ def imports_of(path: Path) -> set[str]:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found |= {f"{node.module}.{a.name}" for a in node.names}   # `from lordo import analysis`
+            submodules = {f"{node.module}.{a.name}" for a in node.names} & set(MODULES)
+            found |= submodules or {node.module}      # `from lordo.data import corpora` needs corpora, not data
     return {m for m in found if m in MODULES and m != "lordo"}
 
 
@@ -70,8 +70,9 @@ def test_imports_of_sees_function_level_imports(tmp_path):
     f = PACKAGE / "launch.py"
     assert {"lordo.trainer", "lordo.runs", "lordo.comm"} <= imports_of(f)
     g = tmp_path / "x.py"
-    g.write_text("def f():\n    from lordo import analysis, plots\n    import lordo.data\n")
-    assert imports_of(g) == {"lordo.analysis", "lordo.plots", "lordo.data"}
+    g.write_text("def f():\n    from lordo import analysis, plots\n    import lordo.data\n"
+                 "    from lordo.runs import Run\n")
+    assert imports_of(g) == {"lordo.analysis", "lordo.plots", "lordo.data", "lordo.runs"}
 
 
 def test_import_graph_is_acyclic():
