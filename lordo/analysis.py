@@ -97,7 +97,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "gap_sync_everys": (_list(_int(1)), "a non-empty list of ints >= 1"),
     "regime": (lambda v: v is None or isinstance(v, dict) and set(v) <= _TRAIN_CONFIG_FIELDS,
                "None or {TrainConfig field: value} (the claim-4 regime's changes to the shared point)"),
-    "lrs": (_list(lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf),
+    "lrs": (_list(lambda v: is_number(v) and 0 < v < math.inf),
             "a non-empty list of learning rates, each a number > 0"),
     "sweep_methods": (_list(lambda v: v in METHODS), f"a non-empty list of {list(METHODS)}"),
     "sweep_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
