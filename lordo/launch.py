@@ -32,7 +32,7 @@ import torch
 
 from lordo.comm import cpu_threads, init_distributed, run_simulated
 from lordo.config import TrainConfig, make_config
-from lordo.data import Prepared, prepare
+from lordo.data.cache import Prepared, prepare
 from lordo.files import copy_file
 from lordo.model import model_config
 from lordo.runs import (

@@ -20,7 +20,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.ticker import FuncFormatter
 
-from lordo.analysis import ci95
+from lordo.analysis.stats import ci95
 from lordo.files import write_json
 from lordo.optim import METHODS
 from lordo.paths import repo_path

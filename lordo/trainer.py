@@ -21,7 +21,8 @@ import torch
 
 from lordo.comm import Communicator
 from lordo.config import TrainConfig
-from lordo.data import Batches, Prepared, val_windows
+from lordo.data.batches import Batches, val_windows
+from lordo.data.cache import Prepared
 from lordo.files import JsonlLog, read_jsonl, save_torch, write_json
 from lordo.model import GPT, model_config
 from lordo.optim import make_optimizer

@@ -13,7 +13,6 @@ import sys
 import textwrap
 import time
 import tracemalloc
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub, which reads it once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -23,6 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import lordo.data  # noqa: E402
+import lordo.data.corpora  # noqa: E402
 import lordo.paths  # noqa: E402
 from lordo.data import CORPORA, Batches, default_cache_dir, prepare, val_windows  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_hf_stream_split(tmp_path, monkeypatch):
     few = prep(max_docs=100)
     assert sum(s["docs"] for s in few.manifest["splits"].values()) == 100 == sum(map(len, split(few)[:2]))
 
-    monkeypatch.setattr(lordo.data, "VAL_MAX_TOKENS", 60)  # validation full: later documents train instead
+    monkeypatch.setattr(lordo.data.corpora, "VAL_MAX_TOKENS", 60)  # validation full: later documents train instead
     capped = prep(max_tokens=4000)
     capped_train, capped_val, _ = split(capped)
     longest = max(len(capped.encode(text)) + 1 for text in texts)
@@ -184,8 +184,8 @@ def test_hf_stream_memory_is_bounded(tmp_path, monkeypatch):
             yield {"text": f"doc{i}: " + " ".join(words[(i * j + j // 3) % len(words)] for j in range(300))}
 
     monkeypatch.setattr(datasets, "load_dataset", lambda *_, **__: datasets.IterableDataset.from_generator(endless))
-    monkeypatch.setattr(lordo.data, "BPE_TRAIN_DOCS", 100)
-    monkeypatch.setattr(lordo.data, "DOCS_PER_BATCH", 16)  # many batches even for a small test corpus
+    monkeypatch.setattr(lordo.data.corpora, "BPE_TRAIN_DOCS", 100)
+    monkeypatch.setattr(lordo.data.corpora, "DOCS_PER_BATCH", 16)  # many batches even for a small test corpus
 
     def peak(max_tokens):
         pulled[0] = 0
@@ -356,7 +356,7 @@ def test_brown_and_ptb():
 def test_cache_outside_a_checkout_is_the_user_cache(monkeypatch, tmp_path):
     """An installed (non-editable) package keeps no data in site-packages; $LORDO_DATA_DIR wins everywhere."""
     monkeypatch.delenv("LORDO_DATA_DIR", raising=False)
-    assert default_cache_dir() == Path(lordo.data.__file__).resolve().parents[1] / "data" / "cache"   # checkout
+    assert default_cache_dir() == lordo.paths.REPO / "data" / "cache"   # checkout
     monkeypatch.setattr(lordo.paths, "REPO", tmp_path / "site-packages")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "lordo" / "data"

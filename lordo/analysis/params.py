@@ -1,0 +1,138 @@
+"""The notebooks' parameters: papermill globals -> one checked dict, with one-line errors."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import math
+import sys
+from typing import Any
+
+from lordo.analysis.training import ABLATIONS, TRAIN_FIELDS, min_side, run_config
+from lordo.config import (
+    LAUNCHERS,
+    TrainConfig,
+    is_int,
+    is_number,
+)
+from lordo.model import PRESETS
+from lordo.optim import METHODS, MOMENT_RULES, is_rank
+from lordo.paths import repo_path
+
+# The parameters every notebook 00-04 has (notebook_params): the shared TRAIN_FIELDS, seeds, where things go.
+SHARED_PARAMS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_every", "proj_every", "rank",
+                 "eval_every", "eval_batches", "seeds", "launcher", "config_dir", "results_dir", "figures_dir")
+
+
+def _int(lo: int):
+    return lambda v: is_int(v) and v >= lo
+
+
+def _list(ok):
+    return lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(ok(x) for x in v)
+
+
+_TRAIN_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_RANK = "an int >= 1 or a float fraction of min(p, q) in (0, 1]"
+CHECKS: dict[str, tuple[Any, str]] = {
+    "preset": (lambda v: v in PRESETS, f"one of {list(PRESETS)}"),
+    "presets": (_list(lambda v: v in PRESETS), f"a non-empty list of {list(PRESETS)}"),
+    "methods": (_list(lambda v: v in METHODS), f"a non-empty list of {list(METHODS)}"),
+    "seq_len": (_int(2), "an int >= 2"),
+    "lr": (lambda v: is_number(v) and 0 < v < math.inf, "a number > 0"),
+    "rank": (is_rank, _RANK),
+    "low_memory_rank": (is_rank, _RANK),
+    "ranks": (_list(is_rank), f"a non-empty list of ranks, each {_RANK}"),
+    "omegas": (_list(lambda v: isinstance(v, int | float) and 0 <= v < 1), "a non-empty list of numbers in [0, 1)"),
+    "seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
+    "sweep_seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
+    "batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1"),
+    "moments": (_list(lambda v: v in MOMENT_RULES), f"a non-empty list of {list(MOMENT_RULES)}"),
+    "gap_steps": (lambda v: v is None or _int(1)(v), "None (the config files' steps) or an int >= 1"),
+    "gap_batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1 that divide steps x batch_size"),
+    "gap_sync_everys": (_list(_int(1)), "a non-empty list of ints >= 1"),
+    "regime": (lambda v: v is None or isinstance(v, dict) and set(v) <= _TRAIN_CONFIG_FIELDS,
+               "None or {TrainConfig field: value} (the claim-4 regime's changes to the shared point)"),
+    "lrs": (_list(lambda v: is_number(v) and 0 < v < math.inf),
+            "a non-empty list of learning rates, each a number > 0"),
+    "sweep_methods": (_list(lambda v: v in METHODS), f"a non-empty list of {list(METHODS)}"),
+    "sweep_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "ablations": (lambda v: isinstance(v, list | tuple) and all(a in ABLATIONS for a in v),
+                  f"a list of names in lordo.diagnosis.ABLATIONS: {list(ABLATIONS)}"),
+    "downstream_tasks": (lambda v: v is None or isinstance(v, str) and v.strip() != "",
+                         "None (no downstream evaluation), 'core' or comma-separated lm-eval task names"),
+    "downstream_limit": (lambda v: v is None or _int(1)(v), "None (every document) or an int >= 1"),
+    "launcher": (lambda v: v in LAUNCHERS, f"one of {list(LAUNCHERS)}"),
+    "config_dir": (lambda v: v is None or isinstance(v, str) and (repo_path(v)).is_dir(),
+                   "None, or a directory of <preset>.yaml files (as configs/paper)"),
+    "ladder_overrides": (lambda v: v is None or isinstance(v, dict) and all(
+        k in PRESETS and isinstance(o, dict) for k, o in v.items()), "None or {preset: {config field: value}}"),
+    "results_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "bandwidths_gbps": (_list(lambda v: is_number(v) and v > 0),
+                        "a non-empty list of bandwidths in Gb/s, each > 0"),
+    "latency_us": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "figures_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+} | {name: (_int(1), "an int >= 1") for name in (
+    "workers", "steps", "batch_size", "sync_every", "proj_every", "eval_every", "eval_batches", "repeats",
+    "local_steps", "reference_workers", "ref_batch_size", "low_memory_batch_size")}
+
+
+def notebook_params(namespace: dict[str, Any], *own: str) -> dict[str, Any]:
+    """A notebook's parameters, read from its globals (the parameters cell, as papermill set them) and checked:
+    the ones every notebook has (SHARED_PARAMS) and the notebook's `own`.
+
+        P = analysis.notebook_params(globals(), "methods", "ranks")     # the cell after the parameters cell
+
+    The notebook then reads only P. One-line ValueError as check_params."""
+    return _checked({name: namespace[name] for name in (*SHARED_PARAMS, *own)}, namespace)
+
+
+def check_params(**params: Any) -> dict[str, Any]:
+    """Validate a notebook's parameters; return them as a dict. Raises a one-line ValueError naming the first
+    bad one. TRAIN_FIELDS may be None (taken from config_dir's files or the package defaults). Called from a
+    notebook that papermill ran, a name papermill injected that the notebook does not pass here (a misspelt
+    `-p` name) is an error too: the notebook would otherwise run silently on its default."""
+    return _checked(params, sys._getframe(1).f_globals)
+
+
+def _checked(params: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any]:
+    for name in sorted(_papermill_names(namespace) - set(params)):
+        raise ValueError(f"unknown notebook parameter {name!r} (given to papermill): allowed {sorted(params)}")
+    for name, value in params.items():
+        if name not in CHECKS:
+            raise ValueError(f"unknown parameter {name!r}: allowed {sorted(CHECKS)}")
+        ok, allowed = CHECKS[name]
+        if not (value is None and name in TRAIN_FIELDS or ok(value)):
+            raise ValueError(f"parameter {name}={value!r} is invalid: allowed {allowed}")
+    presets = list(dict.fromkeys(p for p in [params.get("preset"), *(params.get("presets") or [])] if p))
+    for name in ("rank", "ranks", "low_memory_rank"):
+        values = params.get(name) if name == "ranks" else [params.get(name)]
+        for r in values or []:
+            for preset in presets:
+                if isinstance(r, int) and r > min_side(preset):
+                    raise ValueError(f"parameter {name}={params[name]!r} is invalid for preset {preset}: allowed ints "
+                                     f"in [1, {min_side(preset)}] (its smallest matrix side) or fractions in (0, 1]")
+    overrides = params.get("ladder_overrides") or {}
+    if params.get("regime"):
+        for method in params.get("sweep_methods") or ["lordo"]:
+            try:
+                run_config(params, method, **params["regime"])
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"parameter regime={params['regime']!r} gives no valid {method} run: {e}") from None
+    for preset in presets:   # the shared fields must make a valid run of every method (config_dir files exist)
+        for method in params.get("methods") or ["lordo"]:
+            try:
+                run_config(params | {"preset": preset}, method, **overrides.get(preset, {}))
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"the parameters give no valid {method} run on {preset}: {e}") from None
+    return params
+
+
+def _papermill_names(namespace: dict[str, Any]) -> set[str]:
+    """The names assigned in papermill's injected cell (its source starts with "# Parameters"), found in the
+    IPython kernel's input history `In`; empty outside a papermill run."""
+    for source in reversed(namespace.get("In") or []):
+        if isinstance(source, str) and source.startswith("# Parameters"):
+            return {t.id for node in ast.parse(source).body if isinstance(node, ast.Assign)
+                    for t in node.targets if isinstance(t, ast.Name)}
+    return set()
