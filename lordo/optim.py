@@ -153,6 +153,36 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
     return out.copy_(bits.view(torch.float32))
 
 
+# The low-rank step's math on one matrix as its weight is stored (q x p when `transposed`: the oriented matrix
+# is its .mT). Every full-size tensor is read and written in its own contiguous layout, and each product is
+# computed with its operands as stored (MKL is slower on products of two transposed operands).
+def _project(out: torch.Tensor, Q: torch.Tensor, X: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """out (r, q) = Q^T X for the oriented X (p, q), given X as stored; also batched over a leading dim."""
+    if transposed:
+        return torch.matmul(X, Q, out=out.mT)    # X stored q x p: (X^T)^T Q = (Q^T X)^T
+    return torch.matmul(Q.mT, X, out=out)
+
+
+def _back_project_(W: torch.Tensor, Q: torch.Tensor, N: torch.Tensor, transposed: bool, alpha: float,
+                   beta: float = 1.0) -> torch.Tensor:
+    """W <- beta W + alpha Q N in place, W (oriented p x q) given as stored: one pass over W."""
+    if transposed:
+        return W.addmm_(N.mT, Q.mT, beta=beta, alpha=alpha)
+    return W.addmm_(Q, N, beta=beta, alpha=alpha)
+
+
+def _apply_lowrank_(W: torch.Tensor, G: torch.Tensor, Q: torch.Tensor, N: torch.Tensor, transposed: bool, *,
+                    lr: float, decay: float, qh: torch.Tensor | None, ef: torch.Tensor | None) -> None:
+    """The full-size part of one matrix's step, W, G and R as stored: the lazy error feedback R += G, then
+    W <- decay W - lr Q N (weight decay folded into the product's beta) + qh G (the full-rank QH term).
+    One matrix at a time, so the second reads of G and W come from cache rather than memory."""
+    if ef is not None:
+        ef.add_(G)
+    _back_project_(W, Q, N, transposed, alpha=-lr, beta=decay)
+    if qh is not None:
+        W.addcmul_(G, qh)
+
+
 # A module whose name contains one of these is an embedding; one named like these is an output head.
 EMBEDDING_MARKS = ("emb", "wte", "wpe", "shared")
 HEAD_NAMES = ("lm_head", "score", "classifier", "head", "output", "embed_out", "qa_outputs")
@@ -260,6 +290,13 @@ class _Bucket:
 
 def _oriented(t: torch.Tensor, transposed: bool) -> torch.Tensor:
     return t.mT if transposed else t
+
+
+def _zeros_like_weights(p: torch.Tensor, n: int, rows: int, cols: int, transposed: bool,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of oriented shape (n, rows, cols) on p's device, stored (n, cols, rows) and viewed .mT if the
+    weights are stored transposed."""
+    return p.new_zeros(n, cols, rows, dtype=dtype).mT if transposed else p.new_zeros(n, rows, cols, dtype=dtype)
 
 
 class _StateView(MutableMapping):
@@ -443,13 +480,13 @@ class LoRDO(torch.optim.Optimizer):
         for b in self.buckets:
             p0 = self.params[b.indices[0]]
             n, (rows, cols), dt = len(b.indices), b.shape, sd or p0.dtype
-            b.exp_avg = p0.new_zeros(n, b.rank, cols, dtype=dt)
-            b.exp_avg_sq = p0.new_zeros(n, b.rank, cols, dtype=dt)
-            # the error feedback is stored like the weights (q x p when transposed) and viewed oriented,
-            # so that adding the gradients to it is a contiguous pass
-            b.ef = (p0.new_zeros(n, cols, rows, dtype=dt).mT if b.transposed[0]
-                    else p0.new_zeros(n, rows, cols, dtype=dt)) if ef else None
-            b.work = p0.new_empty(n, b.rank, cols)
+            # oriented (n, r, q) moments and workspace and (n, p, q) error feedback, laid out like the weights:
+            # the full-size passes are contiguous and Q^T G is a product of operands as they are stored
+            t = b.transposed[0]
+            b.exp_avg = _zeros_like_weights(p0, n, b.rank, cols, t, dt)
+            b.exp_avg_sq = _zeros_like_weights(p0, n, b.rank, cols, t, dt)
+            b.work = _zeros_like_weights(p0, n, b.rank, cols, t, p0.dtype)
+            b.ef = _zeros_like_weights(p0, n, rows, cols, t, dt) if ef else None
         if self.method.local:
             self._anchor = [self._held(p) for p in self.params]
             self._outer_m = ([self._held(torch.zeros_like(p)) for p in self.params]
@@ -740,25 +777,28 @@ class LoRDO(torch.optim.Optimizer):
                     stochastic_round_(out, x, gen)
 
     def _lowrank_step(self, b: _Bucket, grads: list[torch.Tensor]) -> None:
-        """One matrix at a time on views (no stacked copies): per matrix two rank-r matmuls, the second
-        accumulated straight into the weight, and contiguous passes over G, E and W."""
+        """Per matrix: Q^T G (one rank-r product), the Adam step on the r x q moments, then one sweep that
+        updates the error feedback, adds Q N and the QH term to the weight (`_apply_lowrank_`)."""
         g = b.group
         (b1, b2), lr, eps, omega = g["betas"], g["lr"], g["eps"], g["omega"]
-        G = [_oriented(x, t) for x, t in zip(grads, b.transposed)]                   # clipped, (p, q) views
         low = b.work
         gen = self._rounding(1 + self.buckets.index(b))
-        if b.ef is not None and gen is not None:          # low precision: E kept eagerly, rounded
-            for j, x in enumerate(G):
-                A = b.ef[j].to(low.dtype).add_(x)         # G + E
-                torch.mm(b.Q[j].mT, A, out=low[j])
-                stochastic_round_(b.ef[j], A.addmm_(b.Q[j], low[j], alpha=-1), gen)   # E = A - Q Q^T A
-        elif b.ef is not None:
-            torch._foreach_add_(list(b.ef.unbind(0)), G)
-            if b.fresh:
-                torch.bmm(b.Q.mT, b.ef, out=low)          # = Q^T (G + E): Q^T E is 0 unless Q just changed
-        if b.ef is None or gen is None and not b.fresh:
-            for j, x in enumerate(G):
-                torch.mm(b.Q[j].mT, x, out=low[j])
+        stored = None if b.ef is None else b.ef.mT if b.transposed[0] else b.ef    # R (or E) as the weights
+        ef = None if stored is None else list(stored.unbind(0))
+        pending = ef is not None and gen is None     # lazy R += G, still to do (in the sweep below)
+        if pending and b.fresh:      # Q^T R is 0 unless Q just changed: project R + G, not only G
+            torch._foreach_add_(ef, grads)
+            _project(low, b.Q, stored, b.transposed[0])
+            pending = False
+        elif ef is not None and gen is not None:     # low precision: E kept eagerly, rounded
+            for j, x in enumerate(grads):
+                A = ef[j].to(low.dtype).add_(x)                            # G + E
+                _project(low[j], b.Q[j], A, b.transposed[j])
+                _back_project_(A, b.Q[j], low[j], b.transposed[j], alpha=-1.0)   # E = A - Q Q^T A
+                stochastic_round_(ef[j], A, gen)
+        else:
+            for j, x in enumerate(grads):
+                _project(low[j], b.Q[j], x, b.transposed[j])
         b.fresh = False
         b.step += 1
         u, v = (b.exp_avg, b.exp_avg_sq) if gen is None else (b.exp_avg.to(low.dtype), b.exp_avg_sq.to(low.dtype))
@@ -770,16 +810,10 @@ class LoRDO(torch.optim.Optimizer):
         denom = torch.div(v, 1 - b2**b.step, out=low).sqrt_().add_(eps)    # D, in the workspace
         qh = denom.mean(dim=(1, 2)).reciprocal_().mul_(-lr * (1 - omega)) if omega < 1 else None
         N = torch.div(u, denom, out=low).mul_(omega / (1 - b1**b.step))
-        params = [self.params[i] for i in b.indices]            # as stored: every write below is contiguous
-        if g["weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * g["weight_decay"])
-        for j, (w, t) in enumerate(zip(params, b.transposed)):  # W -= lr omega Q (u_hat / D)
-            if t:
-                w.addmm_(N[j].mT, b.Q[j].mT, alpha=-lr)         # stored q x p: W^T -= lr N^T Q^T
-            else:
-                w.addmm_(b.Q[j], N[j], alpha=-lr)
-        if qh is not None:                                      # the full-rank quasi-hyperbolic term G / mean(D)
-            torch._foreach_addcmul_(params, grads, list(qh.unbind(0)))
+        decay = 1 - lr * g["weight_decay"]
+        for j, i in enumerate(b.indices):
+            _apply_lowrank_(self.params[i], grads[j], b.Q[j], N[j], b.transposed[j], lr=lr, decay=decay,
+                            qh=None if qh is None else qh[j], ef=ef[j] if pending else None)
 
     # ------------------------------------------------------------------ projections
     def _refresh_before_step(self, grads: list[torch.Tensor], finite: bool) -> None:
@@ -843,7 +877,8 @@ class LoRDO(torch.optim.Optimizer):
             v = bc2 * (C.square() @ var + (u / bc1).square())
             gen = self._rounding(1 + len(self.buckets) + self.buckets.index(b))
             if gen is None:
-                b.exp_avg, b.exp_avg_sq = u, v
+                b.exp_avg.copy_(u)
+                b.exp_avg_sq.copy_(v)
             else:
                 stochastic_round_(b.exp_avg, u, gen)
                 stochastic_round_(b.exp_avg_sq, v, gen)
