@@ -155,12 +155,34 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
 
 # The low-rank step's math on one matrix as its weight is stored (q x p when `transposed`: the oriented matrix
 # is its .mT). Every full-size tensor is read and written in its own contiguous layout, and each product is
-# computed with its operands as stored (MKL is slower on products of two transposed operands).
+# computed with its operands as stored (MKL is slower on products of two transposed operands). On a CPU the
+# passes over a matrix go block by block of rows (`CPU_BLOCK` entries), so that a block of G, W and R read by
+# one operation is still in the core's cache for the next; a GPU takes each pass whole.
+CPU_BLOCK = 1 << 17
+
+
+def _row_blocks(X: torch.Tensor) -> list[slice]:
+    rows = max(1, CPU_BLOCK // X.shape[-1]) if X.device.type == "cpu" else X.shape[0]
+    return [slice(s, s + rows) for s in range(0, X.shape[0], rows)]
+
+
 def _project(out: torch.Tensor, Q: torch.Tensor, X: torch.Tensor, transposed: bool) -> torch.Tensor:
     """out (r, q) = Q^T X for the oriented X (p, q), given X as stored; also batched over a leading dim."""
     if transposed:
         return torch.matmul(X, Q, out=out.mT)    # X stored q x p: (X^T)^T Q = (Q^T X)^T
     return torch.matmul(Q.mT, X, out=out)
+
+
+def _project_and_norm(out: torch.Tensor, Q: torch.Tensor, G: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """`_project` and the norm of G, by blocks of G's rows: the norm reads each block again from cache."""
+    norms = []
+    for rows in _row_blocks(G):
+        if transposed:     # a block of G's stored rows gives the same rows of (Q^T G)^T
+            torch.mm(G[rows], Q, out=out.mT[rows])
+        else:              # and here a block's share of the sum over Q's rows (beta 0: out's old values ignored)
+            out.addmm_(Q[rows].mT, G[rows], beta=0.0 if rows.start == 0 else 1.0)
+        norms.append(torch.linalg.vector_norm(G[rows]))
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def _back_project_(W: torch.Tensor, Q: torch.Tensor, N: torch.Tensor, transposed: bool, alpha: float,
@@ -175,12 +197,16 @@ def _apply_lowrank_(W: torch.Tensor, G: torch.Tensor, Q: torch.Tensor, N: torch.
                     lr: float, decay: float, qh: torch.Tensor | None, ef: torch.Tensor | None) -> None:
     """The full-size part of one matrix's step, W, G and R as stored: the lazy error feedback R += G, then
     W <- decay W - lr Q N (weight decay folded into the product's beta) + qh G (the full-rank QH term).
-    One matrix at a time, so the second reads of G and W come from cache rather than memory."""
-    if ef is not None:
-        ef.add_(G)
-    _back_project_(W, Q, N, transposed, alpha=-lr, beta=decay)
-    if qh is not None:
-        W.addcmul_(G, qh)
+    Block by block of rows, so the second reads of G and W come from cache rather than memory."""
+    for rows in _row_blocks(W):
+        if ef is not None:
+            ef[rows].add_(G[rows])
+        if transposed:     # rows of W^T = (Q N)^T = N^T Q^T
+            _back_project_(W[rows], Q, N.mT[rows].mT, True, alpha=-lr, beta=decay)
+        else:
+            _back_project_(W[rows], Q[rows], N, False, alpha=-lr, beta=decay)
+        if qh is not None:
+            W[rows].addcmul_(G[rows], qh)
 
 
 # A module whose name contains one of these is an embedding; one named like these is an output head.
@@ -283,6 +309,7 @@ class _Bucket:
     exp_avg_sq: torch.Tensor | None = None   # (n, r, q)
     step: int = 0                   # the moments' step count k
     fresh: bool = False             # Q changed since the last step: project R, not only G
+    projected: bool = False         # work holds Q^T G of this step's gradients, taken beside their norms
     explored: list[torch.Tensor] | None = field(default=None)  # diagnostics: union basis per matrix
     visits: torch.Tensor | None = None  # diagnostics: (n, p, p) sum of Q Q^T over refreshes
     work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
@@ -718,11 +745,13 @@ class LoRDO(torch.optim.Optimizer):
     def _finite_and_clipped(self, grads: list[torch.Tensor]) -> bool:
         """Clip by the global norm in place; False if the step is to be skipped (non-finite)."""
         clip, rule = self.hparams["clip"], self.hparams["nonfinite"]
+        for b in self.buckets:
+            b.projected = False
         if clip is None and rule == "off":
             return True
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        total = torch.linalg.vector_norm(torch.stack(self._grad_norms(grads)))
         if rule == "off":   # no host sync: scale by a tensor factor (1 when the clip does not bite)
-            torch._foreach_mul_(grads, (clip / (total + 1e-6)).clamp(max=1.0))
+            self._scale_grads(grads, (clip / (total + 1e-6)).clamp(max=1.0))
             return True
         # The step's one host sync. Knowing the norm on the host also spares a step under the clip a
         # read and write of every gradient to multiply it by 1.
@@ -736,8 +765,32 @@ class LoRDO(torch.optim.Optimizer):
             self.skipped_steps += 1
             return False
         if clip is not None and clip / (total + 1e-6) < 1.0:
-            torch._foreach_mul_(grads, clip / (total + 1e-6))
+            self._scale_grads(grads, clip / (total + 1e-6))
         return True
+
+    def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each gradient's norm. Where the step will need Q^T G (Q unchanged since the last step, error
+        feedback kept lazily or not at all), the product is taken in the same visit to G: it reads G from
+        memory at the pace of its arithmetic, and the norm then reads it again from cache."""
+        norms: list[torch.Tensor | None] = [None] * len(grads)
+        lazy = STATE_DTYPES[self.hparams["state_dtype"]] is None
+        for b in self.buckets:
+            if b.Q is None or b.fresh or not lazy and b.ef is not None:
+                continue
+            for j, i in enumerate(b.indices):
+                norms[i] = _project_and_norm(b.work[j], b.Q[j], grads[i], b.transposed[j])
+            b.projected = True
+        rest = [i for i, n in enumerate(norms) if n is None]
+        for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest])):
+            norms[i] = n
+        return norms
+
+    def _scale_grads(self, grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
+        """The clip, in place: the gradients and the products already taken of them."""
+        torch._foreach_mul_(grads, factor)
+        for b in self.buckets:
+            if b.projected:
+                b.work.mul_(factor)
 
     def _adamw_step(self, grads: list[torch.Tensor], present: list[bool]) -> None:
         if not self.full:
@@ -796,10 +849,10 @@ class LoRDO(torch.optim.Optimizer):
                 _project(low[j], b.Q[j], A, b.transposed[j])
                 _back_project_(A, b.Q[j], low[j], b.transposed[j], alpha=-1.0)   # E = A - Q Q^T A
                 stochastic_round_(ef[j], A, gen)
-        else:
+        elif not b.projected or b.fresh:          # (a refresh since the clip's norms changed Q)
             for j, x in enumerate(grads):
                 _project(low[j], b.Q[j], x, b.transposed[j])
-        b.fresh = False
+        b.fresh = b.projected = False
         b.step += 1
         u, v = (b.exp_avg, b.exp_avg_sq) if gen is None else (b.exp_avg.to(low.dtype), b.exp_avg_sq.to(low.dtype))
         u.lerp_(low, 1 - b1)

@@ -9,6 +9,7 @@ a 2-D parameter kept out of the low-rank path (`lowrank: False`, like an embeddi
 import pytest
 import torch
 
+import lordo.optim
 from lordo.comm import run_simulated
 from lordo.optim import make_optimizer
 from lordo.reference import reference_train
@@ -84,6 +85,21 @@ PARAMS = [pytest.param(method, workers, case, id=case_id(method, workers, case))
 
 @pytest.mark.parametrize("method,workers,case", PARAMS)
 def test_fast_matches_reference(method, workers, case):
+    check_against_reference(method, workers, case)
+
+
+@pytest.mark.parametrize("method,case", [("lordo", {"weight_decay": 0.1, "clip": 0.05}),
+                                         ("lowrank_ddp", {"weight_decay": 0.1, "moments_on_refresh": "rotate"}),
+                                         ("lordo_global", {"error_feedback": False, "weight_decay": 0.1})])
+def test_row_blocks_match_reference(method, case, monkeypatch):
+    """On a CPU the step's full-size passes go by blocks of rows (`CPU_BLOCK` entries); blocks of one or two
+    rows here (the matrices above are whole blocks at the default) do the same math."""
+    monkeypatch.setattr(lordo.optim, "CPU_BLOCK", 8)
+    assert len(lordo.optim._row_blocks(torch.zeros(4, 7))) == 4
+    check_against_reference(method, 2, case)
+
+
+def check_against_reference(method, workers, case):
     hp = {**BASE, **case}
     expected = reference_train(method, init_params(), grad_fn, workers, STEPS, matrices=MATRICES, **hp)
     got = fast_train(method, workers, STEPS, hp)
