@@ -18,11 +18,16 @@ Methods (`METHODS`): `ddp` and `lowrank_ddp` all-reduce gradients every step; `l
 error feedback in a projection Q, plus for `lordo` a full-rank quasi-hyperbolic term; every
 other parameter takes AdamW with the same betas.
 
-How the low-rank step stays cheap. Same-shape matrices of a param group are stacked and stepped
-together (batched matmuls, foreach ops, no per-parameter host syncs). Error feedback is kept
-lazily: while Q is fixed, Q^T E = 0 after every step, so the low-rank gradient is just Q^T G and
-the buffer only needs R += G; the true E = (I - Q Q^T) R is formed when Q changes. That is two
-rank-r matmuls a step instead of three, with the same arithmetic as the spec's recurrence.
+How the low-rank step stays cheap. Same-shape matrices of a param group share stacked state (no
+per-parameter host syncs). Error feedback is kept lazily: while Q is fixed, Q^T E = 0 after every
+step, so the low-rank gradient is just Q^T G and the buffer only needs R += G; the true
+E = (I - Q Q^T) R is formed when Q changes. That is two rank-r matmuls a step instead of three, with
+the same arithmetic as the spec's recurrence. Each matrix's full-size tensors are visited twice a
+step, in their stored layouts: Q^T G beside the clip's norm of G (`_project_and_norm`), then one
+sweep that adds G to R and -lr Q N (weight decay as the product's beta) and the QH term to W
+(`_apply_lowrank_`). On a CPU a visit goes by blocks of rows that stay in cache between its
+operations, so from memory G is read twice and R and W once each read and written: 6 full-size
+passes, against 7 for fused AdamW (one pass after another, as before, made 10, 12 with weight decay).
 
 Memory options. `state_dtype="bfloat16"` stores every moment (low-rank and AdamW) and the error
 feedback in bfloat16: the arithmetic stays in the parameters' precision (float32 or wider) and only
@@ -161,9 +166,8 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
 CPU_BLOCK = 1 << 17
 
 
-def _row_blocks(X: torch.Tensor) -> list[slice]:
-    rows = max(1, CPU_BLOCK // X.shape[-1]) if X.device.type == "cpu" else X.shape[0]
-    return [slice(s, s + rows) for s in range(0, X.shape[0], rows)]
+def _block_rows(X: torch.Tensor) -> int:
+    return max(1, CPU_BLOCK // X.shape[-1]) if X.device.type == "cpu" else X.shape[0]
 
 
 def _project(out: torch.Tensor, Q: torch.Tensor, X: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -175,13 +179,15 @@ def _project(out: torch.Tensor, Q: torch.Tensor, X: torch.Tensor, transposed: bo
 
 def _project_and_norm(out: torch.Tensor, Q: torch.Tensor, G: torch.Tensor, transposed: bool) -> torch.Tensor:
     """`_project` and the norm of G, by blocks of G's rows: the norm reads each block again from cache."""
-    norms = []
-    for rows in _row_blocks(G):
-        if transposed:     # a block of G's stored rows gives the same rows of (Q^T G)^T
-            torch.mm(G[rows], Q, out=out.mT[rows])
-        else:              # and here a block's share of the sum over Q's rows (beta 0: out's old values ignored)
-            out.addmm_(Q[rows].mT, G[rows], beta=0.0 if rows.start == 0 else 1.0)
-        norms.append(torch.linalg.vector_norm(G[rows]))
+    rows, norms = _block_rows(G), []
+    if transposed:         # a block of G's stored rows gives the same rows of (Q^T G)^T
+        for g, o in zip(G.split(rows), out.mT.split(rows)):
+            torch.mm(g, Q, out=o)
+            norms.append(torch.linalg.vector_norm(g))
+    else:                  # a block's share of the sum over Q's rows (beta 0: out's old values ignored)
+        for k, (g, q) in enumerate(zip(G.split(rows), Q.split(rows))):
+            out.addmm_(q.mT, g, beta=1.0 if k else 0.0)
+            norms.append(torch.linalg.vector_norm(g))
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -198,15 +204,16 @@ def _apply_lowrank_(W: torch.Tensor, G: torch.Tensor, Q: torch.Tensor, N: torch.
     """The full-size part of one matrix's step, W, G and R as stored: the lazy error feedback R += G, then
     W <- decay W - lr Q N (weight decay folded into the product's beta) + qh G (the full-rank QH term).
     Block by block of rows, so the second reads of G and W come from cache rather than memory."""
-    for rows in _row_blocks(W):
-        if ef is not None:
-            ef[rows].add_(G[rows])
-        if transposed:     # rows of W^T = (Q N)^T = N^T Q^T
-            _back_project_(W[rows], Q, N.mT[rows].mT, True, alpha=-lr, beta=decay)
-        else:
-            _back_project_(W[rows], Q[rows], N, False, alpha=-lr, beta=decay)
+    rows = _block_rows(W)
+    # the rows of Q N for a block of W's stored rows: Q's rows, or for W stored as (Q N)^T = N^T Q^T, N^T's rows
+    factors = ((n, Q.mT) for n in N.mT.split(rows)) if transposed else ((q, N) for q in Q.split(rows))
+    efs = ef.split(rows) if ef is not None else (None for _ in range(0, W.shape[0], rows))
+    for w, g, e, (a, b) in zip(W.split(rows), G.split(rows), efs, factors):
+        if e is not None:
+            e.add_(g)
+        w.addmm_(a, b, beta=decay, alpha=-lr)
         if qh is not None:
-            W[rows].addcmul_(G[rows], qh)
+            w.addcmul_(g, qh)
 
 
 # A module whose name contains one of these is an embedding; one named like these is an output head.
@@ -830,8 +837,8 @@ class LoRDO(torch.optim.Optimizer):
                     stochastic_round_(out, x, gen)
 
     def _lowrank_step(self, b: _Bucket, grads: list[torch.Tensor]) -> None:
-        """Per matrix: Q^T G (one rank-r product), the Adam step on the r x q moments, then one sweep that
-        updates the error feedback, adds Q N and the QH term to the weight (`_apply_lowrank_`)."""
+        """Q^T G per matrix (usually taken already, beside the clip's norm: `_grad_norms`), the Adam step on
+        the stacked r x q moments, then per matrix one sweep over G, R and W (`_apply_lowrank_`)."""
         g = b.group
         (b1, b2), lr, eps, omega = g["betas"], g["lr"], g["eps"], g["omega"]
         low = b.work
