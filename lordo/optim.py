@@ -25,8 +25,8 @@ E = (I - Q Q^T) R is formed when Q changes. That is two rank-r matmuls a step in
 the same arithmetic as the spec's recurrence. Each matrix's full-size tensors are visited twice a
 step, in their stored layouts: Q^T G beside the clip's norm of G (`_project_and_norm`), then one
 sweep that adds G to R and -lr Q N (weight decay as the product's beta) and the QH term to W
-(`_apply_lowrank_`). On a CPU a visit goes by blocks of rows that stay in cache between its
-operations, so from memory G is read twice and R and W once each read and written: 6 full-size
+(`_apply_lowrank_`). On a one-thread CPU a visit goes by blocks of rows that stay in cache between
+its operations, so from memory G is read twice and R and W once each read and written: 6 full-size
 passes, against 7 for fused AdamW (one pass after another, as before, made 10, 12 with weight decay).
 
 Memory options. `state_dtype="bfloat16"` stores every moment (low-rank and AdamW) and the error
@@ -160,14 +160,18 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
 
 # The low-rank step's math on one matrix as its weight is stored (q x p when `transposed`: the oriented matrix
 # is its .mT). Every full-size tensor is read and written in its own contiguous layout, and each product is
-# computed with its operands as stored (MKL is slower on products of two transposed operands). On a CPU the
-# passes over a matrix go block by block of rows (`CPU_BLOCK` entries), so that a block of G, W and R read by
-# one operation is still in the core's cache for the next; a GPU takes each pass whole.
+# computed with its operands as stored (MKL is slower on products of two transposed operands). On a CPU with
+# one intra-op thread (lordo's workers, a shared machine) the passes over a matrix go block by block of rows
+# (`CPU_BLOCK` entries), so that a block of G, W and R read by one operation is still in the core's cache for
+# the next. Threaded, each operation costs a fork and join of the threads, which on a loaded machine cost more
+# than the blocks save (benchmarks/README.md); there, and on a GPU, each pass is taken whole.
 CPU_BLOCK = 1 << 17
 
 
 def _block_rows(X: torch.Tensor) -> int:
-    return max(1, CPU_BLOCK // X.shape[-1]) if X.device.type == "cpu" else X.shape[0]
+    if X.device.type != "cpu" or torch.get_num_threads() > 1:
+        return X.shape[0]
+    return max(1, CPU_BLOCK // X.shape[-1])
 
 
 def _project(out: torch.Tensor, Q: torch.Tensor, X: torch.Tensor, transposed: bool) -> torch.Tensor:

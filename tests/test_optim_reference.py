@@ -13,6 +13,7 @@ import lordo.optim
 from lordo.comm import run_simulated
 from lordo.optim import make_optimizer
 from lordo.reference import reference_train
+from lordo.trainer import cpu_threads
 
 DTYPE = torch.float64
 STEPS = 7
@@ -94,11 +95,12 @@ def test_fast_matches_reference(method, workers, case):
     ("lowrank_ddp", {"weight_decay": 0.1, "moments_on_refresh": "rotate"}, {}),
     ("lordo_global", {"error_feedback": False, "weight_decay": 0.1}, {})])
 def test_row_blocks_match_reference(method, case, fast_only, monkeypatch):
-    """On a CPU the step's full-size passes go by blocks of rows (`CPU_BLOCK` entries); blocks of one or two
-    rows here (the matrices above are whole blocks at the default) do the same math."""
+    """On a CPU with one thread the step's full-size passes go by blocks of rows (`CPU_BLOCK` entries); blocks
+    of one or two rows here (the matrices above are whole blocks at the default) do the same math."""
     monkeypatch.setattr(lordo.optim, "CPU_BLOCK", 8)
-    assert lordo.optim._block_rows(torch.zeros(4, 7)) == 1
-    check_against_reference(method, 2, case, fast_only)
+    with cpu_threads(1):
+        assert lordo.optim._block_rows(torch.zeros(4, 7)) == 1
+        check_against_reference(method, 2, case, fast_only)
 
 
 def check_against_reference(method, workers, case, fast_only=None):
