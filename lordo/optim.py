@@ -23,7 +23,7 @@ per-parameter host syncs). Error feedback is kept lazily: while Q is fixed, Q^T 
 step, so the low-rank gradient is just Q^T G and the buffer only needs R += G; the true
 E = (I - Q Q^T) R is formed when Q changes. That is two rank-r matmuls a step instead of three, with
 the same arithmetic as the spec's recurrence. Each matrix's full-size tensors are visited twice a
-step, in their stored layouts: Q^T G beside the clip's norm of G (`_project_and_norm`), then one
+step, in their stored layouts: Q^T G (on a CPU beside the clip's norm of G: `_project_and_norm`), then one
 sweep that adds G to R and -lr Q N (weight decay as the product's beta) and the QH term to W
 (`_apply_lowrank_`). On a one-thread CPU a visit goes by blocks of rows that stay in cache between
 its operations, so from memory G is read twice and R and W once each read and written: 6 full-size
@@ -780,13 +780,14 @@ class LoRDO(torch.optim.Optimizer):
         return True
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each gradient's norm. Where the step will need Q^T G (Q unchanged since the last step, error
-        feedback kept lazily or not at all), the product is taken in the same visit to G: it reads G from
-        memory at the pace of its arithmetic, and the norm then reads it again from cache."""
+        """Each gradient's norm. On a CPU, where the step will need Q^T G (Q unchanged since the last step,
+        error feedback kept lazily or not at all), the product is taken in the same visit to G: it reads G
+        from memory at the pace of its arithmetic, and the norm then reads it again from cache. A GPU gains
+        nothing from that and takes one multi-tensor norm."""
         norms: list[torch.Tensor | None] = [None] * len(grads)
         lazy = STATE_DTYPES[self.hparams["state_dtype"]] is None
         for b in self.buckets:
-            if b.Q is None or b.fresh or not lazy and b.ef is not None:
+            if b.Q is None or b.fresh or b.work.device.type != "cpu" or not lazy and b.ef is not None:
                 continue
             for j, i in enumerate(b.indices):
                 norms[i] = _project_and_norm(b.work[j], b.Q[j], grads[i], b.transposed[j])
