@@ -43,6 +43,7 @@ inside `sync()`; on CPU it already is host memory. `memory_stats()` says which b
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -211,7 +212,7 @@ def _apply_lowrank_(W: torch.Tensor, G: torch.Tensor, Q: torch.Tensor, N: torch.
     rows = _block_rows(W)
     # the rows of Q N for a block of W's stored rows: Q's rows, or for W stored as (Q N)^T = N^T Q^T, N^T's rows
     factors = ((n, Q.mT) for n in N.mT.split(rows)) if transposed else ((q, N) for q in Q.split(rows))
-    efs = ef.split(rows) if ef is not None else (None for _ in range(0, W.shape[0], rows))
+    efs = ef.split(rows) if ef is not None else itertools.repeat(None)
     for w, g, e, (a, b) in zip(W.split(rows), G.split(rows), efs, factors):
         if e is not None:
             e.add_(g)
@@ -873,6 +874,7 @@ class LoRDO(torch.optim.Optimizer):
             stochastic_round_(b.exp_avg, u, gen)
             stochastic_round_(b.exp_avg_sq, v, gen)
         denom = torch.div(v, 1 - b2**b.step, out=low).sqrt_().add_(eps)    # D, in the workspace
+        # the QH term's factor -lr (1 - omega) / mean(D) per matrix, and N = omega u_hat / D
         qh = denom.mean(dim=(1, 2)).reciprocal_().mul_(-lr * (1 - omega)) if omega < 1 else None
         N = torch.div(u, denom, out=low).mul_(omega / (1 - b1**b.step))
         decay = 1 - lr * g["weight_decay"]
