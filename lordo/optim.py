@@ -18,11 +18,16 @@ Methods (`METHODS`): `ddp` and `lowrank_ddp` all-reduce gradients every step; `l
 error feedback in a projection Q, plus for `lordo` a full-rank quasi-hyperbolic term; every
 other parameter takes AdamW with the same betas.
 
-How the low-rank step stays cheap. Same-shape matrices of a param group are stacked and stepped
-together (batched matmuls, foreach ops, no per-parameter host syncs). Error feedback is kept
-lazily: while Q is fixed, Q^T E = 0 after every step, so the low-rank gradient is just Q^T G and
-the buffer only needs R += G; the true E = (I - Q Q^T) R is formed when Q changes. That is two
-rank-r matmuls a step instead of three, with the same arithmetic as the spec's recurrence.
+How the low-rank step stays cheap. Same-shape matrices of a param group share stacked state (no
+per-parameter host syncs). Error feedback is kept lazily: while Q is fixed, Q^T E = 0 after every
+step, so the low-rank gradient is just Q^T G and the buffer only needs R += G; the true
+E = (I - Q Q^T) R is formed when Q changes. That is two rank-r matmuls a step instead of three, with
+the same arithmetic as the spec's recurrence. Each matrix's full-size tensors are visited twice a
+step, in their stored layouts: Q^T G (on a CPU beside the clip's norm of G: `_project_and_norm`), then one
+sweep that adds G to R and -lr Q N (weight decay as the product's beta) and the QH term to W
+(`_apply_lowrank_`). On a one-thread CPU a visit goes by blocks of rows that stay in cache between
+its operations, so from memory G is read twice and R and W once each read and written: 6 full-size
+passes, against 7 for fused AdamW (one pass after another, as before, made 10, 12 with weight decay).
 
 Memory options. `state_dtype="bfloat16"` stores every moment (low-rank and AdamW) and the error
 feedback in bfloat16: the arithmetic stays in the parameters' precision (float32 or wider) and only
@@ -38,6 +43,7 @@ inside `sync()`; on CPU it already is host memory. `memory_stats()` says which b
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import warnings
@@ -163,6 +169,68 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
     return out.copy_(bits.view(torch.float32))
 
 
+# The low-rank step's math on one matrix as its weight is stored (q x p when `transposed`: the oriented matrix
+# is its .mT). Every full-size tensor is read and written in its own contiguous layout, and each product is
+# computed with its operands as stored (MKL is slower on products of two transposed operands). On a CPU with
+# one intra-op thread (lordo's workers, a shared machine) the passes over a matrix go block by block of rows
+# (`CPU_BLOCK` entries), so that a block of G, W and R read by one operation is still in the core's cache for
+# the next. Threaded, each operation costs a fork and join of the threads, which on a loaded machine cost more
+# than the blocks save (benchmarks/README.md); there, and on a GPU, each pass is taken whole.
+CPU_BLOCK = 1 << 17
+
+
+def _block_rows(X: torch.Tensor) -> int:
+    if X.device.type != "cpu" or torch.get_num_threads() > 1:
+        return X.shape[0]
+    return max(1, CPU_BLOCK // X.shape[-1])
+
+
+def _project(out: torch.Tensor, Q: torch.Tensor, X: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """out (r, q) = Q^T X for the oriented X (p, q), given X as stored; also batched over a leading dim."""
+    if transposed:
+        return torch.matmul(X, Q, out=out.mT)    # X stored q x p: (X^T)^T Q = (Q^T X)^T
+    return torch.matmul(Q.mT, X, out=out)
+
+
+def _project_and_norm(out: torch.Tensor, Q: torch.Tensor, G: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """`_project` and the norm of G, by blocks of G's rows: the norm reads each block again from cache."""
+    rows, norms = _block_rows(G), []
+    if transposed:         # a block of G's stored rows gives the same rows of (Q^T G)^T
+        for g, o in zip(G.split(rows), out.mT.split(rows)):
+            torch.mm(g, Q, out=o)
+            norms.append(torch.linalg.vector_norm(g))
+    else:                  # a block's share of the sum over Q's rows (beta 0: out's old values ignored)
+        for k, (g, q) in enumerate(zip(G.split(rows), Q.split(rows))):
+            out.addmm_(q.mT, g, beta=1.0 if k else 0.0)
+            norms.append(torch.linalg.vector_norm(g))
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def _back_project_(W: torch.Tensor, Q: torch.Tensor, N: torch.Tensor, transposed: bool, alpha: float,
+                   beta: float = 1.0) -> torch.Tensor:
+    """W <- beta W + alpha Q N in place, W (oriented p x q) given as stored: one pass over W."""
+    if transposed:
+        return W.addmm_(N.mT, Q.mT, beta=beta, alpha=alpha)
+    return W.addmm_(Q, N, beta=beta, alpha=alpha)
+
+
+def _apply_lowrank_(W: torch.Tensor, G: torch.Tensor, Q: torch.Tensor, N: torch.Tensor, transposed: bool, *,
+                    lr: float, decay: float, qh: torch.Tensor | None, ef: torch.Tensor | None) -> None:
+    """The full-size part of one matrix's step, W, G and R as stored: the lazy error feedback R += G, then
+    W <- decay W - lr Q N (weight decay folded into the product's beta) + qh G (the full-rank QH term).
+    Block by block of rows, so the second reads of G and W come from cache rather than memory."""
+    rows = _block_rows(W)
+    # the rows of Q N for a block of W's stored rows: Q's rows, or for W stored as (Q N)^T = N^T Q^T, N^T's rows
+    factors = ((n, Q.mT) for n in N.mT.split(rows)) if transposed else ((q, N) for q in Q.split(rows))
+    efs = ef.split(rows) if ef is not None else itertools.repeat(None)
+    for w, g, e, (a, b) in zip(W.split(rows), G.split(rows), efs, factors):
+        if e is not None:
+            e.add_(g)
+        w.addmm_(a, b, beta=decay, alpha=-lr)
+        if qh is not None:
+            w.addcmul_(g, qh)
+
+
 # A module whose name contains one of these is an embedding; one named like these is an output head.
 EMBEDDING_MARKS = ("emb", "wte", "wpe", "shared")
 HEAD_NAMES = ("lm_head", "score", "classifier", "head", "output", "embed_out", "qa_outputs")
@@ -263,9 +331,17 @@ class _Bucket:
     exp_avg_sq: torch.Tensor | None = None   # (n, r, q)
     step: int = 0                   # the moments' step count k
     fresh: bool = False             # Q changed since the last step: project R, not only G
+    projected: bool = False         # work holds Q^T G of this step's gradients, taken beside their norms
     explored: list[torch.Tensor] | None = field(default=None)  # diagnostics: union basis per matrix
     visits: torch.Tensor | None = None  # diagnostics: (n, p, p) sum of Q Q^T over refreshes
     work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
+
+
+def _zeros_like_weights(p: torch.Tensor, n: int, rows: int, cols: int, transposed: bool,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """Zeros of oriented shape (n, rows, cols) on p's device, stored (n, cols, rows) and viewed .mT if the
+    weights are stored transposed."""
+    return p.new_zeros(n, cols, rows, dtype=dtype).mT if transposed else p.new_zeros(n, rows, cols, dtype=dtype)
 
 
 class _StateView(MutableMapping):
@@ -449,13 +525,13 @@ class LoRDO(torch.optim.Optimizer):
         for b in self.buckets:
             p0 = self.params[b.indices[0]]
             n, (rows, cols), dt = len(b.indices), b.shape, sd or p0.dtype
-            b.exp_avg = p0.new_zeros(n, b.rank, cols, dtype=dt)
-            b.exp_avg_sq = p0.new_zeros(n, b.rank, cols, dtype=dt)
-            # the error feedback is stored like the weights (q x p when transposed) and viewed oriented,
-            # so that adding the gradients to it is a contiguous pass
-            b.ef = (p0.new_zeros(n, cols, rows, dtype=dt).mT if b.transposed[0]
-                    else p0.new_zeros(n, rows, cols, dtype=dt)) if ef else None
-            b.work = p0.new_empty(n, b.rank, cols)
+            # oriented (n, r, q) moments and workspace and (n, p, q) error feedback, laid out like the weights:
+            # the full-size passes are contiguous and Q^T G is a product of operands as they are stored
+            t = b.transposed[0]
+            b.exp_avg = _zeros_like_weights(p0, n, b.rank, cols, t, dt)
+            b.exp_avg_sq = _zeros_like_weights(p0, n, b.rank, cols, t, dt)
+            b.work = _zeros_like_weights(p0, n, b.rank, cols, t, p0.dtype)
+            b.ef = _zeros_like_weights(p0, n, rows, cols, t, dt) if ef else None
         if self.method.local:
             self._anchor = [self._held(p) for p in self.params]
             self._outer_m = ([self._held(torch.zeros_like(p)) for p in self.params]
@@ -687,11 +763,13 @@ class LoRDO(torch.optim.Optimizer):
     def _finite_and_clipped(self, grads: list[torch.Tensor]) -> bool:
         """Clip by the global norm in place; False if the step is to be skipped (non-finite)."""
         clip, rule = self.hparams["clip"], self.hparams["nonfinite"]
+        for b in self.buckets:
+            b.projected = False
         if clip is None and rule == "off":
             return True
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        total = torch.linalg.vector_norm(torch.stack(self._grad_norms(grads)))
         if rule == "off":   # no host sync: scale by a tensor factor (1 when the clip does not bite)
-            torch._foreach_mul_(grads, (clip / (total + 1e-6)).clamp(max=1.0))
+            self._scale_grads(grads, (clip / (total + 1e-6)).clamp(max=1.0))
             return True
         # The step's one host sync. Knowing the norm on the host also spares a step under the clip a
         # read and write of every gradient to multiply it by 1.
@@ -705,8 +783,33 @@ class LoRDO(torch.optim.Optimizer):
             self.skipped_steps += 1
             return False
         if clip is not None and clip / (total + 1e-6) < 1.0:
-            torch._foreach_mul_(grads, clip / (total + 1e-6))
+            self._scale_grads(grads, clip / (total + 1e-6))
         return True
+
+    def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each gradient's norm. On a CPU, where the step will need Q^T G (Q unchanged since the last step,
+        error feedback kept lazily or not at all), the product is taken in the same visit to G: it reads G
+        from memory at the pace of its arithmetic, and the norm then reads it again from cache. A GPU gains
+        nothing from that and takes one multi-tensor norm."""
+        norms: list[torch.Tensor | None] = [None] * len(grads)
+        lazy = STATE_DTYPES[self.hparams["state_dtype"]] is None
+        for b in self.buckets:
+            if b.Q is None or b.fresh or b.work.device.type != "cpu" or not lazy and b.ef is not None:
+                continue
+            for j, i in enumerate(b.indices):
+                norms[i] = _project_and_norm(b.work[j], b.Q[j], grads[i], b.transposed[j])
+            b.projected = True
+        rest = [i for i, n in enumerate(norms) if n is None]
+        for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest])):
+            norms[i] = n
+        return norms
+
+    def _scale_grads(self, grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
+        """The clip, in place: the gradients and the products already taken of them."""
+        torch._foreach_mul_(grads, factor)
+        for b in self.buckets:
+            if b.projected:
+                b.work.mul_(factor)
 
     def _adamw_step(self, grads: list[torch.Tensor], present: list[bool]) -> None:
         if not self.full:
@@ -746,26 +849,29 @@ class LoRDO(torch.optim.Optimizer):
                     stochastic_round_(out, x, gen)
 
     def _lowrank_step(self, b: _Bucket, grads: list[torch.Tensor]) -> None:
-        """One matrix at a time on views (no stacked copies): per matrix two rank-r matmuls, the second
-        accumulated straight into the weight, and contiguous passes over G, E and W."""
+        """Q^T G per matrix (usually taken already, beside the clip's norm: `_grad_norms`), the Adam step on
+        the stacked r x q moments, then per matrix one sweep over G, R and W (`_apply_lowrank_`)."""
         g = b.group
         (b1, b2), lr, eps, omega = g["betas"], g["lr"], g["eps"], g["omega"]
-        G = [oriented(x, t) for x, t in zip(grads, b.transposed)]                   # clipped, (p, q) views
         low = b.work
         gen = self._rounding(1 + self.buckets.index(b))
-        if b.ef is not None and gen is not None:          # low precision: E kept eagerly, rounded
-            for j, x in enumerate(G):
-                A = b.ef[j].to(low.dtype).add_(x)         # G + E
-                torch.mm(b.Q[j].mT, A, out=low[j])
-                stochastic_round_(b.ef[j], A.addmm_(b.Q[j], low[j], alpha=-1), gen)   # E = A - Q Q^T A
-        elif b.ef is not None:
-            torch._foreach_add_(list(b.ef.unbind(0)), G)
-            if b.fresh:
-                torch.bmm(b.Q.mT, b.ef, out=low)          # = Q^T (G + E): Q^T E is 0 unless Q just changed
-        if b.ef is None or gen is None and not b.fresh:
-            for j, x in enumerate(G):
-                torch.mm(b.Q[j].mT, x, out=low[j])
-        b.fresh = False
+        stored = None if b.ef is None else b.ef.mT if b.transposed[0] else b.ef    # R (or E) as the weights
+        ef = None if stored is None else list(stored.unbind(0))
+        pending = ef is not None and gen is None     # lazy R += G, still to do (in the sweep below)
+        if pending and b.fresh:      # Q^T R is 0 unless Q just changed: project R + G, not only G
+            torch._foreach_add_(ef, grads)
+            _project(low, b.Q, stored, b.transposed[0])
+            pending = False
+        elif ef is not None and gen is not None:     # low precision: E kept eagerly, rounded
+            for j, x in enumerate(grads):
+                A = ef[j].to(low.dtype).add_(x)                            # G + E
+                _project(low[j], b.Q[j], A, b.transposed[j])
+                _back_project_(A, b.Q[j], low[j], b.transposed[j], alpha=-1.0)   # E = A - Q Q^T A
+                stochastic_round_(ef[j], A, gen)
+        elif not b.projected or b.fresh:          # (a refresh since the clip's norms changed Q)
+            for j, x in enumerate(grads):
+                _project(low[j], b.Q[j], x, b.transposed[j])
+        b.fresh = b.projected = False
         b.step += 1
         u, v = (b.exp_avg, b.exp_avg_sq) if gen is None else (b.exp_avg.to(low.dtype), b.exp_avg_sq.to(low.dtype))
         u.lerp_(low, 1 - b1)
@@ -774,18 +880,13 @@ class LoRDO(torch.optim.Optimizer):
             stochastic_round_(b.exp_avg, u, gen)
             stochastic_round_(b.exp_avg_sq, v, gen)
         denom = torch.div(v, 1 - b2**b.step, out=low).sqrt_().add_(eps)    # D, in the workspace
+        # the QH term's factor -lr (1 - omega) / mean(D) per matrix, and N = omega u_hat / D
         qh = denom.mean(dim=(1, 2)).reciprocal_().mul_(-lr * (1 - omega)) if omega < 1 else None
         N = torch.div(u, denom, out=low).mul_(omega / (1 - b1**b.step))
-        params = [self.params[i] for i in b.indices]            # as stored: every write below is contiguous
-        if g["weight_decay"]:
-            torch._foreach_mul_(params, 1 - lr * g["weight_decay"])
-        for j, (w, t) in enumerate(zip(params, b.transposed)):  # W -= lr omega Q (u_hat / D)
-            if t:
-                w.addmm_(N[j].mT, b.Q[j].mT, alpha=-lr)         # stored q x p: W^T -= lr N^T Q^T
-            else:
-                w.addmm_(b.Q[j], N[j], alpha=-lr)
-        if qh is not None:                                      # the full-rank quasi-hyperbolic term G / mean(D)
-            torch._foreach_addcmul_(params, grads, list(qh.unbind(0)))
+        decay = 1 - lr * g["weight_decay"]
+        for j, i in enumerate(b.indices):
+            _apply_lowrank_(self.params[i], grads[j], b.Q[j], N[j], b.transposed[j], lr=lr, decay=decay,
+                            qh=None if qh is None else qh[j], ef=ef[j] if pending else None)
 
     # ------------------------------------------------------------------ projections
     def _refresh_before_step(self, grads: list[torch.Tensor], finite: bool) -> None:
@@ -849,7 +950,8 @@ class LoRDO(torch.optim.Optimizer):
             v = bc2 * (C.square() @ var + (u / bc1).square())
             gen = self._rounding(1 + len(self.buckets) + self.buckets.index(b))
             if gen is None:
-                b.exp_avg, b.exp_avg_sq = u, v
+                b.exp_avg.copy_(u)
+                b.exp_avg_sq.copy_(v)
             else:
                 stochastic_round_(b.exp_avg, u, gen)
                 stochastic_round_(b.exp_avg_sq, v, gen)

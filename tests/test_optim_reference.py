@@ -9,6 +9,8 @@ a 2-D parameter kept out of the low-rank path (`lowrank: False`, like an embeddi
 import pytest
 import torch
 
+import lordo.optim
+from lordo.comm import cpu_threads
 from lordo.reference import reference_train
 
 CASES = {
@@ -39,9 +41,27 @@ PARAMS = [pytest.param(method, workers, case, id=case_id(method, workers, case))
 
 @pytest.mark.parametrize("method,workers,case", PARAMS)
 def test_fast_matches_reference(toy, method, workers, case):
+    check_against_reference(toy, method, workers, case)
+
+
+@pytest.mark.parametrize("method,case,fast_only", [
+    ("lordo", {"weight_decay": 0.1, "clip": 0.05}, {}),
+    ("lordo", {"clip": 0.05}, {"nonfinite": "off"}),     # the clip by a tensor factor, without a host sync
+    ("lowrank_ddp", {"weight_decay": 0.1, "moments_on_refresh": "rotate"}, {}),
+    ("lordo_global", {"error_feedback": False, "weight_decay": 0.1}, {})])
+def test_row_blocks_match_reference(toy, method, case, fast_only, monkeypatch):
+    """On a CPU with one thread the step's full-size passes go by blocks of rows (`CPU_BLOCK` entries); blocks
+    of one or two rows here (the matrices above are whole blocks at the default) do the same math."""
+    monkeypatch.setattr(lordo.optim, "CPU_BLOCK", 8)
+    with cpu_threads(1):
+        assert lordo.optim._block_rows(torch.zeros(4, 7)) == 1
+        check_against_reference(toy, method, 2, case, fast_only)
+
+
+def check_against_reference(toy, method, workers, case, fast_only=None):
     hp = {**toy.base, **case}
     expected = reference_train(method, toy.init_params(), toy.grad_fn, workers, toy.steps, matrices=toy.matrices, **hp)
-    got = toy.fast_train(method, workers, toy.steps, hp)
+    got = toy.fast_train(method, workers, toy.steps, hp | (fast_only or {}))
     moved = max((expected[0][n] - p).abs().max().item() for n, p in toy.init_params().items())
     assert moved > 1e-2  # the run really trains
     for m in range(workers):
