@@ -20,7 +20,6 @@ the cpu preset, so `make reproduce` reads them) under the config hashes of the g
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from typing import Any
@@ -29,16 +28,16 @@ import pandas as pd
 import torch
 
 from lordo import analysis
-from lordo.analysis import check_params, curves, load_run_model, run_config, summaries, train_all
+from lordo.analysis import cached_tables, check_params, curves, load_run_model, run_config, summaries, train_all
+from lordo.comm import run_simulated
 from lordo.config import TrainConfig
-from lordo.data import prepare, val_windows
-from lordo.files import write_atomic, write_json
+from lordo.data import prepare
 from lordo.paths import repo_path
 from lordo.runs import Run
+from lordo.trainer import evaluate
 
 MAX_EXTENSIONS = 2      # lrs tried beyond the grid's edge per method, one at a time, while the best lies at the edge
 HELDOUT_FACTOR = 4      # held-out windows: up to 4x the windows the selection reads, as the split allows
-TABLES = ("runs", "curves", "syncs")
 ONE_WORKER = "lordo, M = 1"   # the control run's label in the `variant` column
 
 
@@ -86,7 +85,6 @@ def selection_windows(c: TrainConfig) -> int:
     return c.eval_batches * c.batch_size * c.workers
 
 
-@torch.no_grad()
 def heldout_loss(run: Run, device: torch.device | None = None) -> tuple[float, int]:
     """Mean token loss of the run's final model on the held-out windows, and their number of tokens."""
     c = run.config
@@ -97,12 +95,9 @@ def heldout_loss(run: Run, device: torch.device | None = None) -> tuple[float, i
         raise ValueError(f"the validation split ({len(data.val):,} tokens) has no windows after the {skip} that "
                          f"run {run.dir.name} evaluates on: use a smaller eval_batches")
     device = device or torch.device("cpu")
-    model = load_run_model(run, data.vocab_size, device).eval()
-    total, count = 0.0, 0
-    for x, y in val_windows(tokens, c.seq_len, batch_size=32):
-        _, loss = model(x.to(device), y.to(device))
-        total, count = total + loss.double().item() * y.numel(), count + y.numel()
-    return total / count, count
+    model = load_run_model(run, data.vocab_size, device)
+    loss = run_simulated(lambda comm: evaluate(model, tokens, c.replace(eval_batches=None), comm, device), 1)[0]
+    return loss, (len(tokens) - 1) // c.seq_len * c.seq_len
 
 
 def _table(runs: list[Run], variants: list[str], stage: str) -> pd.DataFrame:
@@ -150,24 +145,13 @@ def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
 
 def cache_key(P: dict[str, Any]) -> dict[str, Any]:
     return {"grid": [c.hash() for c in grid(P)], "seeds": list(P["seeds"]), "heldout_factor": HELDOUT_FACTOR,
-            "max_extensions": MAX_EXTENSIONS, "tables": list(TABLES)}
+            "max_extensions": MAX_EXTENSIONS}
 
 
 def lr_sweep(P: dict[str, Any], recompute: bool = False) -> dict[str, pd.DataFrame]:
     """The sweep's tables ({"runs", "curves", "syncs"}: every run; the metrics and the subspace diagnostics of the
-    runs at the chosen lrs), read from P["sweep_dir"] when cached for this grid, else computed
-    and written there (atomically; the key file last, so a partial write is recomputed)."""
-    folder = repo_path(P["sweep_dir"])
-    key_file = folder / "lr_sweep.json"
-    key = cache_key(P)
-    if not recompute and key_file.is_file() and json.loads(key_file.read_text()) == key:
-        return {name: pd.read_csv(folder / f"lr_sweep_{name}.csv") for name in TABLES}
-    tables = compute(P)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, df in tables.items():
-        write_atomic(folder / f"lr_sweep_{name}.csv", lambda f, df=df: df.to_csv(f, index=False))
-    write_json(key_file, key)
-    return tables
+    runs at the chosen lrs), cached in P["sweep_dir"] under the grid's key."""
+    return cached_tables("lr_sweep", cache_key(P), lambda: compute(P), repo_path(P["sweep_dir"]), recompute)
 
 
 def lr_profile(table: pd.DataFrame) -> pd.DataFrame:
@@ -195,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recompute", action="store_true", help="recompute even when the cached tables match")
     args = parser.parse_args(argv)
     values = load_preset(args.preset)
+    values["steps"] = values.get("gap_steps")   # as in notebook 06: the shared point trains gap_steps
     try:
         P = check_params(**{k: values.get(k) for k in PARAMS})
     except ValueError as e:

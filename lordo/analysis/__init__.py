@@ -45,6 +45,7 @@ from lordo.analysis.resources import downstream, matrix_state, memory_options, t
 from lordo.analysis.stats import ci95, fmt_gap, paired_gap, slope_fits
 from lordo.analysis.tables import (
     LAYER_TYPES,
+    cached_tables,
     curves,
     describe,
     layer_type,
@@ -68,7 +69,8 @@ from lordo.optim import DEFAULTS, METHODS  # what the notebooks read beside the 
 
 __all__ = ["ABLATIONS", "CHECKS", "COMM_REDUCTION_SHARE", "DEFAULTS", "EXPLORING_EXPLORED", "LAYER_TYPES", "METHODS",
            "SHARED_PARAMS", "SQRT_B_SLOPE", "STAGNANT_EXPLORED", "STAGNANT_SIMILARITY", "STATE_RATIO_TOLERANCE",
-           "TRAIN_FIELDS", "check_params", "ci95", "claim", "claims_table", "comm_reduction_verdict", "curves",
+           "TRAIN_FIELDS", "cached_tables", "check_params", "ci95", "claim", "claims_table",
+           "comm_reduction_verdict", "curves",
            "describe", "downstream", "exploration_verdict", "fmt_gap", "layer_type", "load_run_model", "load_table",
            "local_noisier", "matrix_rank", "matrix_state", "memory_options", "min_side", "moments_verdict",
            "noise_verdict", "notebook_params", "paired_gap", "paper_reference", "projection_noise", "resolved_rank",

@@ -2,37 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from lordo.analysis.tables import layer_type
+from lordo.analysis.tables import cached_tables, layer_type
 from lordo.analysis.training import resolved_rank, run_config
 from lordo.comm import cpu_threads
-from lordo.files import write_atomic, write_json
 from lordo.model import GPT, model_config
 from lordo.optim import make_optimizer
 from lordo.projection import compute_projection, is_transposed, oriented, projection_distance
-from lordo.runs import Run, runs_root
-
-
-def _cached(name: str, key: dict[str, Any], compute) -> dict[str, pd.DataFrame]:
-    """Tables cached in runs/analysis/ under the hash of everything they depend on (kept by `make clean`);
-    compute() returns {part: table}."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    folder = runs_root() / "analysis" / f"{name}-{digest}"
-    if (folder / "done").is_file():
-        return {p.stem: pd.read_csv(p) for p in folder.glob("*.csv")}
-    tables = compute()
-    folder.mkdir(parents=True, exist_ok=True)
-    for part, df in tables.items():
-        write_atomic(folder / f"{part}.csv", lambda f, df=df: df.to_csv(f, index=False))
-    write_json(folder / "done", key)   # last: a folder without it is recomputed
-    return tables
+from lordo.runs import Run
 
 
 def load_run_model(run: Run, vocab_size: int, device: torch.device) -> GPT:
@@ -156,5 +138,5 @@ def projection_noise(run: Run, P: dict[str, Any]) -> tuple[pd.DataFrame, pd.Data
         return {"noise": pd.DataFrame(rows), "spectrum": pd.DataFrame(spectra)}
 
     with cpu_threads(1):   # small models' matmuls and SVDs: several times faster unthreaded on few cores
-        tables = _cached("projection_noise", key, compute)
+        tables = cached_tables("projection_noise", key, compute)
     return tables["noise"].assign(rank=rank, workers=M, preset=c.preset), tables["spectrum"].assign(rank=rank)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from lordo.analysis.training import min_side, resolved_rank
-from lordo.files import write_atomic
+from lordo.files import write_atomic, write_json
 from lordo.optim import METHODS
 from lordo.paths import repo_path
-from lordo.runs import Run
+from lordo.runs import Run, runs_root
 
 LAYER_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -74,3 +77,20 @@ def save_table(df: pd.DataFrame, P: dict[str, Any], notebook: str, name: str) ->
 
 def load_table(P: dict[str, Any], notebook: str, name: str) -> pd.DataFrame:
     return pd.read_csv(table_path(P, notebook, name))
+
+
+def cached_tables(name: str, key: dict[str, Any], compute: Callable[[], dict[str, pd.DataFrame]],
+                  folder: Path | None = None, recompute: bool = False) -> dict[str, pd.DataFrame]:
+    """Tables that are expensive to compute, cached in <folder>/<name>-<hash of key>/ (folder: runs/analysis/,
+    kept by `make clean`) and read back while `key`, everything they depend on, is the same; compute() returns
+    {part: table}. Written atomically, the key file last, so a partial folder is recomputed."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    out = (folder or runs_root() / "analysis") / f"{name}-{digest}"
+    if not recompute and (out / "done").is_file():
+        return {p.stem: pd.read_csv(p) for p in out.glob("*.csv")}
+    tables = compute()
+    out.mkdir(parents=True, exist_ok=True)
+    for part, df in tables.items():
+        write_atomic(out / f"{part}.csv", lambda f, df=df: df.to_csv(f, index=False))
+    write_json(out / "done", key)
+    return tables
