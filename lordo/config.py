@@ -31,6 +31,7 @@ from lordo.optim import (
     MOMENT_RULES,
     NONFINITE_RULES,
     PROJ_SOURCES,
+    QH_SCALES,
     STATE_DTYPES,
     check,
     is_rank,
@@ -44,7 +45,10 @@ EXECUTION_FIELDS = ("launcher", "nproc_per_node", "nnodes", "node_rank", "rdzv_e
                     "runs_dir", "checkpoint_every", "progress")
 # Optimizer options added after runs were cached under the config hash: in the hash key only when set (their
 # resolved values are in it anyway, under resolved_optimizer), so every earlier config keeps its hash.
-LATER_OPTIMIZER_FIELDS = ("proj_iters", "nonfinite", "bucket_mb")
+LATER_OPTIMIZER_FIELDS = ("proj_iters", "nonfinite", "bucket_mb", "qh_scale")
+# Optimizer options added after runs were cached, with the behaviour every earlier run had: at that value they
+# stay out of the resolved key too (a later change of the default still changes the hash).
+IMPLICIT_BEFORE = {"qh_scale": "mean_denom"}
 MAX_LOCAL_WORKERS = 256   # threads (sim) or processes (torchrun) on one machine
 NONE_WORDS = ("none", "null", "~")
 
@@ -210,6 +214,9 @@ class TrainConfig:
     proj_source: str | None = option(None, choice(PROJ_SOURCES, none=_optimizer_default("proj_source")),
                                      "what Q is computed from: pseudo_gradient (the paper) | gradient "
                                      "(diagnostic: +1 all-reduce per sync)")
+    qh_scale: str | None = option(None, choice(QH_SCALES, none=_optimizer_default("qh_scale")),
+                                  "size of the full-rank QH term: mean_denom (G^ / mean(D), the spec) | update_rms "
+                                  "(the low-rank update's RMS)")
     outer_lr: float | None = option(None, number(0, open_low=True, none=_optimizer_default("outer_lr")),
                                     "outer learning rate at synchronizations (local methods)")
     outer_momentum: float | None = option(None, number(0, 1, open_high=True,
@@ -280,7 +287,9 @@ class TrainConfig:
     def hash(self) -> str:
         """Key of the result: the fields plus what they resolve to (optimizer defaults, the model's
         shape), so a changed package default is a new run, not a stale cached one."""
-        key = {**self.result_dict(), "resolved_optimizer": self.resolved_optimizer(), "model": PRESETS[self.preset]}
+        resolved = {k: v for k, v in self.resolved_optimizer().items()
+                    if k not in IMPLICIT_BEFORE or v != IMPLICIT_BEFORE[k]}
+        key = {**self.result_dict(), "resolved_optimizer": resolved, "model": PRESETS[self.preset]}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> TrainConfig:

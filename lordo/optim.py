@@ -98,7 +98,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (   # in this order in every ta
 DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, rank=0.25, sync_every=16, omega=None,
     clip=1.0, error_feedback=True, moments_on_refresh="keep", proj_method="power", proj_every=200,
-    proj_iters=1, proj_source="pseudo_gradient", outer_lr=1.0, outer_momentum=0.0, comm_dtype="float32",
+    proj_iters=1, proj_source="pseudo_gradient", qh_scale="mean_denom", outer_lr=1.0, outer_momentum=0.0,
+    comm_dtype="float32",
     nonfinite="raise", diagnostics=False, seed=0, bucket_mb=64.0, state_dtype="float32", host_anchor=False,
 )
 # The memory options alone and together (benchmarks/optimizer_step.py, notebook 04).
@@ -113,6 +114,11 @@ MOMENT_RULES = ("keep", "reset", "rotate")
 # costs one more full-size all-reduce of the matrices per sync (global methods) and exists to measure what
 # the pseudo-gradient's projection costs (notebook 05).
 PROJ_SOURCES = ("pseudo_gradient", "gradient")
+# The size of the full-rank QH term (1 - omega) full: `mean_denom` is the spec's reading of the paper,
+# full = G^ / mean(D), an unnormalized gradient step (its size grows with the lr and the gradient's share outside
+# span(Q)); `update_rms` gives it the low-rank update's RMS, full = G^ ||u_hat / D|| / ||G^||, so the term
+# changes the update's direction, not its size (notebook 06 compares them).
+QH_SCALES = ("mean_denom", "update_rms")
 NONFINITE_RULES = ("raise", "skip", "off")
 STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}   # None: the parameters' own dtype
 # float64 makes sums of up to a few fp32 values exact, hence independent of the backend's
@@ -151,6 +157,7 @@ def validate_hparams(hp: dict[str, Any]) -> None:
     check(isinstance(hp["proj_every"], int) and hp["proj_every"] >= 1, "proj_every", hp["proj_every"], "an int >= 1")
     check(isinstance(hp["proj_iters"], int) and hp["proj_iters"] >= 1, "proj_iters", hp["proj_iters"], "an int >= 1")
     check(hp["proj_source"] in PROJ_SOURCES, "proj_source", hp["proj_source"], str(PROJ_SOURCES))
+    check(hp["qh_scale"] in QH_SCALES, "qh_scale", hp["qh_scale"], str(QH_SCALES))
     check(hp["outer_lr"] > 0, "outer_lr", hp["outer_lr"], "> 0")
     check(0 <= hp["outer_momentum"] < 1, "outer_momentum", hp["outer_momentum"], "a number in [0, 1)")
     check(hp["comm_dtype"] in COMM_DTYPES, "comm_dtype", hp["comm_dtype"], str(tuple(COMM_DTYPES)))
@@ -334,6 +341,7 @@ class _Bucket:
     projected: bool = False         # work holds Q^T G of this step's gradients, taken beside their norms
     explored: list[torch.Tensor] | None = field(default=None)  # diagnostics: union basis per matrix
     visits: torch.Tensor | None = None  # diagnostics: (n, p, p) sum of Q Q^T over refreshes
+    qh_ratio: list[float] | None = None  # diagnostics: QH term's size / low-rank term's, the step before a sync
     work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
 
 
@@ -443,6 +451,8 @@ class LoRDO(torch.optim.Optimizer):
         self._comm_log: dict[str, list[int]] = {}   # kind -> [collectives, payload bytes]
         self._diagnostics: list[dict[str, Any]] = []
         self._sync_grads: list[torch.Tensor] | None = None   # proj_source="gradient": the sync step's gradients
+        # this step's per-parameter gradient norms before the clip and the clip's factor (qh_scale="update_rms")
+        self._clip_norms: tuple[list[torch.Tensor], float | torch.Tensor] | None = None
         self._aligned = False      # every worker holds rank 0's parameters (the initial broadcast is done)
         if model is not None and self.world_size > 1:
             self._align_before_first_forward(model)
@@ -765,11 +775,16 @@ class LoRDO(torch.optim.Optimizer):
         clip, rule = self.hparams["clip"], self.hparams["nonfinite"]
         for b in self.buckets:
             b.projected = False
+        self._clip_norms = None
         if clip is None and rule == "off":
             return True
-        total = torch.linalg.vector_norm(torch.stack(self._grad_norms(grads)))
+        norms = self._grad_norms(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        self._clip_norms = (norms, 1.0)
         if rule == "off":   # no host sync: scale by a tensor factor (1 when the clip does not bite)
-            self._scale_grads(grads, (clip / (total + 1e-6)).clamp(max=1.0))
+            factor = (clip / (total + 1e-6)).clamp(max=1.0)
+            self._scale_grads(grads, factor)
+            self._clip_norms = (norms, factor)
             return True
         # The step's one host sync. Knowing the norm on the host also spares a step under the clip a
         # read and write of every gradient to multiply it by 1.
@@ -784,6 +799,7 @@ class LoRDO(torch.optim.Optimizer):
             return False
         if clip is not None and clip / (total + 1e-6) < 1.0:
             self._scale_grads(grads, clip / (total + 1e-6))
+            self._clip_norms = (norms, clip / (total + 1e-6))
         return True
 
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -880,13 +896,33 @@ class LoRDO(torch.optim.Optimizer):
             stochastic_round_(b.exp_avg, u, gen)
             stochastic_round_(b.exp_avg_sq, v, gen)
         denom = torch.div(v, 1 - b2**b.step, out=low).sqrt_().add_(eps)    # D, in the workspace
-        # the QH term's factor -lr (1 - omega) / mean(D) per matrix, and N = omega u_hat / D
-        qh = denom.mean(dim=(1, 2)).reciprocal_().mul_(-lr * (1 - omega)) if omega < 1 else None
-        N = torch.div(u, denom, out=low).mul_(omega / (1 - b1**b.step))
+        # the QH term's factor per matrix: -lr (1 - omega) / mean(D), or (update_rms) -lr (1 - omega) ||N|| / ||G^||
+        # with N = u_hat / D (||Q N|| = ||N||: Q's columns are orthonormal); the low-rank part is omega N
+        by_rms = omega < 1 and self.hparams["qh_scale"] == "update_rms"
+        qh = denom.mean(dim=(1, 2)).reciprocal_() if omega < 1 and not by_rms else None
+        N = torch.div(u, denom, out=low).mul_(1 / (1 - b1**b.step))
+        # the step before a synchronization records the QH term's size over the low-rank term's (diagnostics)
+        record = omega < 1 and self.hparams["diagnostics"] and (self.steps + 1) % self.hparams["sync_every"] == 0
+        grad_norms = self._clipped_norms(b, grads) if by_rms or record else None
+        if by_rms:
+            qh = torch.linalg.vector_norm(N, dim=(1, 2)).div_(grad_norms.clamp(min=torch.finfo(N.dtype).tiny))
+        if qh is not None:
+            qh.mul_(-lr * (1 - omega))
+        N.mul_(omega)
+        if record:   # |qh| ||G^|| / (lr ||omega N||)
+            b.qh_ratio = (qh.abs() * grad_norms / (lr * torch.linalg.vector_norm(N, dim=(1, 2)))).tolist()
         decay = 1 - lr * g["weight_decay"]
         for j, i in enumerate(b.indices):
             _apply_lowrank_(self.params[i], grads[j], b.Q[j], N[j], b.transposed[j], lr=lr, decay=decay,
                             qh=None if qh is None else qh[j], ef=ef[j] if pending else None)
+
+    def _clipped_norms(self, b: _Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
+        """||G^|| of the bucket's matrices: the clip's norms times its factor when it took them, else one more
+        read of each gradient."""
+        if self._clip_norms is None:
+            return torch.stack(torch._foreach_norm(grads))
+        norms, factor = self._clip_norms
+        return torch.stack([norms[i] for i in b.indices]).mul_(factor)
 
     # ------------------------------------------------------------------ projections
     def _refresh_before_step(self, grads: list[torch.Tensor], finite: bool) -> None:
@@ -977,7 +1013,8 @@ class LoRDO(torch.optim.Optimizer):
             self._diagnostics.append({"step": self.steps, "param": self.names[i], "basis_similarity": sim[j],
                                       "energy_outside": out[j], "explored_dim": b.explored[j].shape[-1],
                                       "explored_rank": ranks[j], "source_norm": source_norm[j],
-                                      "own_energy_outside": own_out[j], "ef_norm": ef_norm[j]})
+                                      "own_energy_outside": own_out[j], "ef_norm": ef_norm[j],
+                                      "qh_to_lowrank": b.qh_ratio[j] if b.qh_ratio is not None else None})
 
     def pop_diagnostics(self) -> list[dict[str, Any]]:
         """Subspace records since the last call, one per matrix and projection refresh."""

@@ -96,9 +96,10 @@ def adamw_step(w: Tensor, g: Tensor, s: AdamState, lr, betas, eps, weight_decay,
 
 
 def lowrank_step(w: Tensor, g_hat: Tensor, s: LowRankState, lr, betas, eps, weight_decay, omega,
-                 error_feedback: bool, store=keep) -> Tensor:
+                 error_feedback: bool, qh_scale: str = "mean_denom", store=keep) -> Tensor:
     """Spec section 3: low-rank Adam with error feedback plus the full-rank QH term (oriented tensors);
-    E, u and v are kept through `store`."""
+    E, u and v are kept through `store`. `qh_scale="update_rms"`: the full-rank term has the RMS of the
+    low-rank update `low` instead of the spec's scale 1 / mean(D)."""
     b1, b2 = betas
     a = g_hat + s.e if error_feedback else g_hat
     g = s.q.T @ a
@@ -110,7 +111,13 @@ def lowrank_step(w: Tensor, g_hat: Tensor, s: LowRankState, lr, betas, eps, weig
     s.u, s.v = store(u), store(v)
     d = torch.sqrt(v / (1 - b2**s.k)) + eps
     low = s.q @ ((u / (1 - b1**s.k)) / d)
-    full = g_hat / d.mean()
+    if qh_scale == "mean_denom":
+        full = g_hat / d.mean()
+    elif qh_scale == "update_rms":
+        g_norm = torch.linalg.norm(g_hat)
+        full = g_hat * (torch.linalg.norm(low) / g_norm) if g_norm > 0 else torch.zeros_like(g_hat)
+    else:
+        raise ValueError(f"qh_scale must be mean_denom or update_rms, got {qh_scale!r}")
     update = omega * low + (1 - omega) * full
     return w - lr * (update + weight_decay * w)
 
@@ -159,14 +166,15 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
                     rank: int | float = 0.25, sync_every: int = 1, omega: float | None = None,
                     clip: float | None = None, error_feedback: bool = True,
                     moments_on_refresh: str = "keep", proj_every: int = 1, outer_lr: float = 1.0,
-                    outer_momentum: float = 0.0, proj_source: str = "pseudo_gradient", state_dtype: str = "float32",
-                    seed: int = 0) -> list[Params]:
+                    outer_momentum: float = 0.0, proj_source: str = "pseudo_gradient", qh_scale: str = "mean_denom",
+                    state_dtype: str = "float32", seed: int = 0) -> list[Params]:
     """Train M workers for `steps` steps from identical `init_params`; return each worker's parameters.
 
     `matrices` names the parameters that get the low-rank step (low-rank methods only); every other
     parameter uses AdamW. `omega` defaults to 0.7 for `lordo` and 1 otherwise. `proj_source="gradient"`:
     at a synchronization the infrequent methods compute Q from the clipped gradients of that step (the
-    worker's own for lordo_local, their mean otherwise) instead of from the pseudo-gradients. `state_dtype`
+    worker's own for lordo_local, their mean otherwise) instead of from the pseudo-gradients. `qh_scale`: see
+    `lowrank_step`. `state_dtype`
     "bfloat16" stores moments and error feedback rounded stochastically (random draws from `seed`).
     """
     if method not in METHODS:
@@ -222,7 +230,7 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
                 if n in lowrank:
                     t = transposed[n]
                     new = lowrank_step(oriented(w, t), oriented(g, t), low[m][n], omega=omega,
-                                       error_feedback=error_feedback, **adam_hp)
+                                       error_feedback=error_feedback, qh_scale=qh_scale, **adam_hp)
                     params[m][n] = oriented(new, t)
                 else:
                     params[m][n] = adamw_step(w, g, adam[m][n], **adam_hp)

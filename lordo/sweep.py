@@ -6,14 +6,16 @@ of the log-spaced `lrs` (`sweep_seeds`), and while a method's best lr lies at th
 beyond that edge (at most MAX_EXTENSIONS); each method's lr is the one with the lowest mean validation loss,
 measured on the validation windows the runs evaluate during training; that lr then trains every seed of
 `seeds`, and every run is reported on held-out validation windows that neither training nor the selection read
-(the ones after them). LoRDO with one worker on all M*B sequences separates the optimizer's own share of the gap
-from the local-update penalty; it runs at each method's chosen lr and takes the better one as its own.
+(the ones after them). Each LoRDO variant of `one_worker_variants` on one worker with all M*B sequences separates
+the optimizer's own share of the gap from the local-update penalty; it runs at its own chosen lr and low-rank
+DDP's and takes the better one as its own. `sweep_methods` may name variants, '<method>, <ablation>, ...' (ablations of
+analysis.ABLATIONS), swept like methods; `horizon_variants` train again, at their lrs, for `horizon_steps`.
 
     python -m lordo.sweep                    # recompute the cpu preset's tables (`make sweep`)
     python -m lordo.sweep --preset smoke     # the notebooks' smoke sizes, in a minute
 
-Its ~15 runs take about an hour and a half on two CPU cores, so the tables are cached in `sweep_dir` (committed for
-the cpu preset, so `make reproduce` reads them) under the config hashes of the grid; a changed grid, or
+On the cpu preset its ~55 runs take about three hours on two CPU cores, so the tables are cached in `sweep_dir`
+(committed for the cpu preset, so `make reproduce` reads them) under the config hashes of the grid; a changed grid, or
 `--recompute`, trains what is missing (runs stay cached in runs/) and rewrites them.
 """
 
@@ -28,7 +30,16 @@ import pandas as pd
 import torch
 
 from lordo import analysis
-from lordo.analysis import cached_tables, check_params, curves, load_run_model, run_config, summaries, train_all
+from lordo.analysis import (
+    cached_tables,
+    check_params,
+    curves,
+    load_run_model,
+    run_config,
+    summaries,
+    train_all,
+    variant_options,
+)
 from lordo.comm import run_simulated
 from lordo.config import TrainConfig
 from lordo.data import prepare
@@ -38,17 +49,25 @@ from lordo.trainer import evaluate
 
 MAX_EXTENSIONS = 2      # lrs tried beyond the grid's edge per method, one at a time, while the best lies at the edge
 HELDOUT_FACTOR = 4      # held-out windows: up to 4x the windows the selection reads, as the split allows
-ONE_WORKER = "lordo, M = 1"   # the control run's label in the `variant` column
+ONE_WORKER_MARK = ", M = 1"   # a control run's `variant`: its LoRDO variant's, marked
+ONE_WORKER = "lordo" + ONE_WORKER_MARK
 
 
-def regime_config(P: dict[str, Any], method: str, **overrides: Any) -> TrainConfig:
-    """A run at the regime: the shared point, then P["regime"]'s fields, then `overrides`."""
-    return run_config(P, method, **{**(P.get("regime") or {}), **overrides})
+def regime_config(P: dict[str, Any], variant: str, **overrides: Any) -> TrainConfig:
+    """A run at the regime: the shared point, then P["regime"]'s fields, the variant's, then `overrides`. A
+    variant is a method, or '<method>, <ablation>, ...' with ablations of analysis.ABLATIONS ('lordo, no QH term')."""
+    method, options = variant_options(variant)
+    return run_config(P, method, **{**(P.get("regime") or {}), **options, **overrides})
 
 
 def grid(P: dict[str, Any]) -> list[TrainConfig]:
     return [regime_config(P, m, lr=lr, seed=s) for m in P["sweep_methods"] for lr in P["lrs"]
             for s in P["sweep_seeds"]]
+
+
+def grid_variants(P: dict[str, Any]) -> list[str]:
+    """The `variant` of each run of `grid(P)`, in its order."""
+    return [m for m in P["sweep_methods"] for _ in P["lrs"] for _ in P["sweep_seeds"]]
 
 
 def select_lr(table: pd.DataFrame, by: str = "method") -> dict[str, float]:
@@ -67,14 +86,16 @@ def next_lr(tried: list[float], best: float) -> float | None:
     return float(f"{near * near / next_near:.1g}")
 
 
-def one_worker(P: dict[str, Any], lr: float, seed: int) -> TrainConfig:
-    """LoRDO on one worker with all M*B sequences of the regime's step: no other worker to average with."""
-    base = regime_config(P, "lordo")
-    return regime_config(P, "lordo", lr=lr, seed=seed, workers=1, batch_size=base.workers * base.batch_size)
+def one_worker(P: dict[str, Any], lr: float, seed: int, variant: str = "lordo") -> TrainConfig:
+    """A LoRDO variant on one worker with all M*B sequences of the regime's step: no other worker to average with."""
+    base = regime_config(P, variant)
+    return regime_config(P, variant, lr=lr, seed=seed, workers=1, batch_size=base.workers * base.batch_size)
 
 
 def variant_config(P: dict[str, Any], variant: str, lr: float, seed: int) -> TrainConfig:
-    return one_worker(P, lr, seed) if variant == ONE_WORKER else regime_config(P, variant, lr=lr, seed=seed)
+    if variant.endswith(ONE_WORKER_MARK):
+        return one_worker(P, lr, seed, variant.removesuffix(ONE_WORKER_MARK))
+    return regime_config(P, variant, lr=lr, seed=seed)
 
 
 def selection_windows(c: TrainConfig) -> int:
@@ -118,57 +139,73 @@ def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
         trained.update((r.config.hash(), r) for r in runs)
         return _table(runs, [v for v, _ in pairs], stage)
 
-    table = run([(c.method, c) for c in grid(P)], "grid", "lr sweep")
+    table = run(list(zip(grid_variants(P), grid(P))), "grid", "lr sweep")
     for _ in range(MAX_EXTENSIONS):
-        chosen = select_lr(table)
+        chosen = select_lr(table, by="variant")
         beyond = [(m, x) for m in P["sweep_methods"]
-                  if (x := next_lr(table.loc[table["method"] == m, "lr"].tolist(), chosen[m])) is not None]
+                  if (x := next_lr(table.loc[table["variant"] == m, "lr"].tolist(), chosen[m])) is not None]
         if not beyond:
             break
         more = [(m, regime_config(P, m, lr=x, seed=s)) for m, x in beyond for s in P["sweep_seeds"]]
         table = pd.concat([table, run(more, "grid", "lr sweep, beyond the edge")], ignore_index=True)
-    chosen = select_lr(table)
-    if "lordo" in chosen:
-        control = [(ONE_WORKER, one_worker(P, lr, s)) for lr in sorted(set(chosen.values())) for s in P["sweep_seeds"]]
-        table = pd.concat([table, run(control, "control", "one-worker control")], ignore_index=True)
-        chosen |= select_lr(table[table["variant"] == ONE_WORKER], by="variant")
+    chosen = select_lr(table, by="variant")
+    # each LoRDO variant on one worker, at its lr and low-rank DDP's (the two it separates), keeping the better
+    controls = {v + ONE_WORKER_MARK: sorted({chosen[v], chosen.get("lowrank_ddp", chosen[v])})
+                for v in P["one_worker_variants"]}
+    if controls:
+        control = [(c, variant_config(P, c, lr, s)) for c, lrs in controls.items() for lr in lrs
+                   for s in P["sweep_seeds"]]
+        table = pd.concat([table, run(control, "control", "one-worker controls")], ignore_index=True)
+        chosen |= select_lr(table[table["variant"].isin(controls)], by="variant")
     seeds = [(v, c) for v, lr in chosen.items() for s in P["seeds"]
              if (c := variant_config(P, v, lr, s)).hash() not in set(table["config_hash"])]
     table = pd.concat([table, run(seeds, "seeds", "chosen lr, every seed")], ignore_index=True)
-    table["selected"] = table["lr"] == table["variant"].map(chosen)
-    chosen_runs = [trained[h] for h in table.loc[table["selected"], "config_hash"]]
-    variant = dict(zip(table["run"], table["variant"]))
-    curve, syncs = curves(chosen_runs), analysis.sync_records(chosen_runs)
-    return {"runs": table, "curves": curve.assign(variant=curve["run"].map(variant)),
-            "syncs": syncs.assign(variant=syncs["run"].map(variant))}
+    longer = horizon_configs(P, chosen)
+    if longer:
+        table = pd.concat([table, run(longer, "horizon", f"{P['horizon_steps']} steps")], ignore_index=True)
+    table["selected"] = (table["lr"] == table["variant"].map(chosen)) & (table["stage"] != "horizon")
+    shown = [trained[h] for h in table.loc[table["selected"] | (table["stage"] == "horizon"), "config_hash"]]
+    variant, stage = dict(zip(table["run"], table["variant"])), dict(zip(table["run"], table["stage"]))
+    label = lambda t: t.assign(variant=t["run"].map(variant), stage=t["run"].map(stage))
+    return {"runs": table, "curves": label(curves(shown)), "syncs": label(analysis.sync_records(shown))}
+
+
+def horizon_configs(P: dict[str, Any], chosen: dict[str, float]) -> list[tuple[str, TrainConfig]]:
+    """The `horizon_variants` at their chosen lrs, trained for `horizon_steps` (its schedule stretched to them) on
+    `sweep_seeds`: whether the ranking and the gap hold with more training."""
+    if not P.get("horizon_steps"):
+        return []
+    return [(v, variant_config(P, v, chosen[v], s).replace(steps=P["horizon_steps"]))
+            for v in P["horizon_variants"] for s in P["sweep_seeds"]]
 
 
 def cache_key(P: dict[str, Any]) -> dict[str, Any]:
     return {"grid": [c.hash() for c in grid(P)], "seeds": list(P["seeds"]), "heldout_factor": HELDOUT_FACTOR,
-            "max_extensions": MAX_EXTENSIONS}
+            "max_extensions": MAX_EXTENSIONS, "one_worker": list(P["one_worker_variants"]),
+            "horizon": [P.get("horizon_steps"), list(P.get("horizon_variants") or [])]}
 
 
 def lr_sweep(P: dict[str, Any], recompute: bool = False) -> dict[str, pd.DataFrame]:
     """The sweep's tables ({"runs", "curves", "syncs"}: every run; the metrics and the subspace diagnostics of the
-    runs at the chosen lrs), cached in P["sweep_dir"] under the grid's key."""
+    runs at the chosen lrs and of the longer ones, by `stage`), cached in P["sweep_dir"] under the grid's key."""
     return cached_tables("lr_sweep", cache_key(P), lambda: compute(P), repo_path(P["sweep_dir"]), recompute)
 
 
 def lr_profile(table: pd.DataFrame) -> pd.DataFrame:
-    """Validation and held-out perplexity against lr per method (mean over the grid's seeds), the chosen lr marked,
-    and whether it still lies at the edge of the lrs its method tried (then the sweep should go further)."""
+    """Validation and held-out perplexity against lr per variant (mean over the grid's seeds), the chosen lr
+    marked, and whether it still lies at the edge of the lrs its variant tried (then the sweep should go further)."""
     grid_rows = table[table["stage"] == "grid"]
-    out = grid_rows.groupby(["method", "lr"], as_index=False)[["val_ppl", "heldout_ppl"]].mean()
-    out["chosen"] = out["lr"] == out["method"].map(select_lr(grid_rows))
-    edges = out.groupby("method")["lr"].agg(["min", "max"])
-    out["at_edge"] = out["chosen"] & ((out["lr"] == out["method"].map(edges["min"]))
-                                      | (out["lr"] == out["method"].map(edges["max"])))
+    out = grid_rows.groupby(["variant", "lr"], as_index=False)[["val_ppl", "heldout_ppl"]].mean()
+    out["chosen"] = out["lr"] == out["variant"].map(select_lr(grid_rows, by="variant"))
+    edges = out.groupby("variant")["lr"].agg(["min", "max"])
+    out["at_edge"] = out["chosen"] & ((out["lr"] == out["variant"].map(edges["min"]))
+                                      | (out["lr"] == out["variant"].map(edges["max"])))
     return out
 
 
 PARAMS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_every", "proj_every", "rank",
           "eval_every", "eval_batches", "launcher", "config_dir", "seeds", "sweep_seeds", "regime", "lrs",
-          "sweep_methods", "sweep_dir")
+          "sweep_methods", "sweep_dir", "one_worker_variants", "horizon_steps", "horizon_variants")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,6 +9,8 @@
   `lordo_local` is `lordo_global`.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -193,3 +195,19 @@ def test_visited_rank_weighs_directions_by_visits():
     assert visited_rank(v([first, second, eye[:, 4:]])).item() == pytest.approx(6)
     once = visited_rank(v([first] * 9 + [second])).item()
     assert 2 < once < 3   # (20)^2 / (2 * 81 + 2 * 1) = 2.44
+
+
+@pytest.mark.parametrize("qh_scale", ["mean_denom", "update_rms"])
+def test_the_qh_terms_size_is_recorded_before_each_synchronization(qh_scale):
+    """qh_to_lowrank: the full-rank QH term's size over the low-rank term's at the step that ends an interval. With
+    qh_scale="update_rms" the two have the same RMS, so the ratio is (1 - omega) / omega; lordo_global has none."""
+    on_step = lambda opt, params: opt.pop_diagnostics()
+    log = train("lordo", 2, 9, on_step=on_step, diagnostics=True, omega=0.6, qh_scale=qh_scale)[0]
+    ratios = [r["qh_to_lowrank"] for rs in log for r in rs if r["step"] > 0]
+    assert len(ratios) == 3 * 2 and all(math.isfinite(x) and x > 0 for x in ratios)
+    if qh_scale == "update_rms":
+        assert ratios == pytest.approx([0.4 / 0.6] * len(ratios), rel=1e-5)
+    else:
+        assert max(abs(x - 0.4 / 0.6) for x in ratios) > 1e-2
+    log = train("lordo_global", 2, 3, on_step=on_step, diagnostics=True)[0]
+    assert {r["qh_to_lowrank"] for rs in log for r in rs} == {None}

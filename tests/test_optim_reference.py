@@ -27,7 +27,9 @@ CASES = {
                      {"outer_lr": 0.7, "outer_momentum": 0.9}, {"proj_source": "gradient", "clip": 0.05}],
     "lordo": [{}, {"omega": 1.0}, {"moments_on_refresh": "rotate", "weight_decay": 0.1, "clip": 0.05},
               {"moments_on_refresh": "reset", "error_feedback": False},
-              {"omega": 0.5, "outer_lr": 0.7, "outer_momentum": 0.9}, {"proj_source": "gradient"}],
+              {"omega": 0.5, "outer_lr": 0.7, "outer_momentum": 0.9}, {"proj_source": "gradient"},
+              {"qh_scale": "update_rms"}, {"qh_scale": "update_rms", "omega": 0.5, "clip": 0.05, "weight_decay": 0.1},
+              {"qh_scale": "update_rms", "clip": None}],
 }
 
 
@@ -47,6 +49,7 @@ def test_fast_matches_reference(toy, method, workers, case):
 @pytest.mark.parametrize("method,case,fast_only", [
     ("lordo", {"weight_decay": 0.1, "clip": 0.05}, {}),
     ("lordo", {"clip": 0.05}, {"nonfinite": "off"}),     # the clip by a tensor factor, without a host sync
+    ("lordo", {"clip": 0.05, "qh_scale": "update_rms"}, {"nonfinite": "off"}),   # ||G^||: the clip's norms, factor
     ("lowrank_ddp", {"weight_decay": 0.1, "moments_on_refresh": "rotate"}, {}),
     ("lordo_global", {"error_feedback": False, "weight_decay": 0.1}, {})])
 def test_row_blocks_match_reference(toy, method, case, fast_only, monkeypatch):

@@ -16,6 +16,7 @@ from lordo.evaluate import load_model
 from lordo.runs import Run
 
 REGIME = {"preset": "nano", "batch_size": 2, "steps": 4, "eval_every": 2, "eval_batches": 1}
+RMS = "lordo, QH term at the update's RMS"
 
 
 def params(tmp_path, **changes):
@@ -23,11 +24,13 @@ def params(tmp_path, **changes):
         "preset": "tiny", "workers": 2, "steps": 8, "batch_size": 1, "seq_len": 32, "lr": 3e-3, "sync_every": 2,
         "proj_every": 2, "rank": 4, "eval_every": 4, "eval_batches": 2, "launcher": "sim", "config_dir": None,
         "seeds": [0, 1], "sweep_seeds": [0], "regime": REGIME, "lrs": [1e-3, 1e-2],
-        "sweep_methods": ["lowrank_ddp", "lordo"], "sweep_dir": str(tmp_path / "sweeps")} | changes)
+        "sweep_methods": ["lowrank_ddp", "lordo", RMS], "sweep_dir": str(tmp_path / "sweeps"),
+        "one_worker_variants": ["lordo", RMS], "horizon_steps": 6,
+        "horizon_variants": ["lowrank_ddp", RMS]} | changes)
 
 
 def grid_table(losses: dict[tuple[str, float], list[float]]) -> pd.DataFrame:
-    return pd.DataFrame([{"method": m, "lr": lr, "seed": s, "val_loss": x, "val_ppl": np.exp(x),
+    return pd.DataFrame([{"method": m, "variant": m, "lr": lr, "seed": s, "val_loss": x, "val_ppl": np.exp(x),
                           "heldout_ppl": np.exp(x), "stage": "grid"}
                          for (m, lr), xs in losses.items() for s, x in enumerate(xs)])
 
@@ -36,12 +39,12 @@ def test_select_lr_takes_the_lowest_mean_validation_loss_and_the_smaller_lr_on_t
     t = grid_table({("a", 1e-3): [5.0, 5.0], ("a", 1e-2): [4.0, 6.2], ("b", 1e-3): [4.0, 4.0], ("b", 3e-3): [4.0, 4.0],
                     ("b", 1e-2): [4.5, 4.5]})
     assert sweep.select_lr(t) == {"a": 1e-3, "b": 1e-3}
-    profile = sweep.lr_profile(t).set_index(["method", "lr"])
+    profile = sweep.lr_profile(t).set_index(["variant", "lr"])
     assert profile["chosen"].sum() == 2 and profile.loc[("a", 1e-3), "at_edge"]
     inside = grid_table({("a", 1e-3): [5.0], ("a", 3e-3): [4.0], ("a", 1e-2): [4.5], ("b", 3e-2): [4.0],
                          ("b", 1e-2): [4.1]})
-    assert sweep.lr_profile(inside).set_index("method")["at_edge"].groupby("method").any().to_dict() == \
-        {"a": False, "b": True}   # edges per method: b tried 1e-2 and 3e-2 only
+    assert sweep.lr_profile(inside).set_index("variant")["at_edge"].groupby("variant").any().to_dict() == \
+        {"a": False, "b": True}   # edges per variant: b tried 1e-2 and 3e-2 only
 
 
 def test_next_lr_continues_the_spacing_beyond_the_edge_of_the_best():
@@ -61,6 +64,24 @@ def test_one_worker_control_trains_lordo_on_all_sequences_of_the_regimes_step(tm
     assert sweep.grid(P)[0].hash() == sweep.regime_config(P, "lowrank_ddp", lr=1e-3, seed=0).hash()
 
 
+def test_a_variant_is_its_method_with_an_ablations_options(tmp_path):
+    P = params(tmp_path)
+    rms, lordo = sweep.regime_config(P, RMS, lr=1e-3, seed=0), sweep.regime_config(P, "lordo", lr=1e-3, seed=0)
+    assert (rms.method, rms.qh_scale, lordo.qh_scale) == ("lordo", "update_rms", None)
+    assert rms.replace(qh_scale=None).hash() == lordo.hash() != rms.hash()
+    assert sweep.grid_variants(P) == [m for m in P["sweep_methods"] for _ in P["lrs"]]
+    one = sweep.variant_config(P, RMS + sweep.ONE_WORKER_MARK, 1e-3, 0)
+    assert (one.workers, one.batch_size, one.qh_scale) == (1, rms.workers * rms.batch_size, "update_rms")
+    with pytest.raises(ValueError, match=r"^parameter one_worker_variants=\['lowrank_ddp'\] is invalid"):
+        params(tmp_path, one_worker_variants=["lowrank_ddp"])
+    both = sweep.regime_config(P, RMS + ", Q from gradient", lr=1e-3, seed=0)
+    assert (both.qh_scale, both.proj_source) == ("update_rms", "gradient")
+    with pytest.raises(ValueError, match=r"^parameter horizon_variants=\['ddp'\] is invalid"):
+        params(tmp_path, horizon_variants=["ddp"])
+    with pytest.raises(ValueError, match=r"^parameter sweep_methods=\['lordo, no such thing'\] is invalid"):
+        params(tmp_path, sweep_methods=["lordo, no such thing"])
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sweep")
@@ -73,23 +94,30 @@ def swept(tmp_path_factory):
 def test_heldout_windows_follow_the_selection_windows_and_match_a_direct_computation(swept):
     P, tables, tmp = swept
     runs = tables["runs"]
-    assert set(runs["variant"]) == {"lowrank_ddp", "lordo", sweep.ONE_WORKER}
+    assert set(runs["variant"]) == {"lowrank_ddp", "lordo", RMS, sweep.ONE_WORKER, RMS + sweep.ONE_WORKER_MARK}
     grid_rows = runs[runs["stage"] == "grid"]
-    chosen = sweep.select_lr(grid_rows)
-    for m, g in grid_rows.groupby("method"):   # the grid, then one lr beyond its edge while the best lies there
+    chosen = sweep.select_lr(grid_rows, by="variant")
+    for m, g in grid_rows.groupby("variant"):   # the grid, then one lr beyond its edge while the best lies there
         tried = g["lr"].tolist()   # in the order trained
         assert tried[:2] == [1e-3, 1e-2] and len(tried) <= 2 + sweep.MAX_EXTENSIONS
         for k in range(2, len(tried)):
-            assert tried[k] == sweep.next_lr(tried[:k], sweep.select_lr(g[g["lr"].isin(tried[:k])])[m])
+            assert tried[k] == sweep.next_lr(tried[:k], sweep.select_lr(g[g["lr"].isin(tried[:k])], by="variant")[m])
         if len(tried) < 2 + sweep.MAX_EXTENSIONS:
             assert sweep.next_lr(tried, chosen[m]) is None
     control = runs[runs["stage"] == "control"]
-    assert sorted(control["lr"]) == sorted(set(chosen.values())) and set(control["seed"]) == {0}
-    chosen |= sweep.select_lr(runs[runs["variant"] == sweep.ONE_WORKER], by="variant")
+    for v in ("lordo", RMS):   # each LoRDO variant on one worker at its lr and low-rank DDP's
+        tried = control.loc[control["variant"] == v + sweep.ONE_WORKER_MARK, "lr"]
+        assert sorted(tried) == sorted({chosen[v], chosen["lowrank_ddp"]})
+    assert set(control["seed"]) == {0} and set(control["workers"]) == {1}
+    chosen |= sweep.select_lr(control, by="variant")
     selected = runs[runs["selected"]]
     assert (selected["lr"] == selected["variant"].map(chosen)).all()
     assert selected.groupby("variant")["seed"].apply(sorted).to_dict() == {v: [0, 1] for v in chosen}
-    assert len(runs) == len(grid_rows) + len(control) + 3   # seed 1 of each variant at its lr
+    longer = runs[runs["stage"] == "horizon"]    # the horizon variants again at their lrs, for horizon_steps
+    assert longer["variant"].tolist() == P["horizon_variants"] and not longer["selected"].any()
+    assert (longer["lr"] == longer["variant"].map(chosen)).all() and set(longer["steps"]) == {P["horizon_steps"]}
+    assert set(tables["curves"].loc[tables["curves"]["stage"] == "horizon", "run"]) == set(longer["run"])
+    assert len(runs) == len(grid_rows) + len(control) + 5 + len(longer)   # + seed 1 of each variant at its lr
     row = runs.iloc[0]
     run = Run.load(tmp / "runs" / row["run"])
     c = run.config

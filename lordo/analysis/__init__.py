@@ -64,6 +64,7 @@ from lordo.analysis.training import (
     run_config,
     train_all,
     train_groups,
+    variant_options,
 )
 from lordo.optim import DEFAULTS, METHODS  # what the notebooks read beside the runs
 
@@ -75,5 +76,5 @@ __all__ = ["ABLATIONS", "CHECKS", "COMM_REDUCTION_SHARE", "DEFAULTS", "EXPLORING
            "local_noisier", "matrix_rank", "matrix_state", "memory_options", "min_side", "moments_verdict",
            "noise_verdict", "notebook_params", "paired_gap", "paper_reference", "projection_noise", "resolved_rank",
            "run_config", "save_table", "slope_fits", "stagnation_verdict", "state_verdict", "summaries",
-           "sync_records", "table_path", "time_saved", "time_saved_verdict", "train_all", "train_groups", "verdict",
-           "wallclock"]
+           "sync_records", "table_path", "time_saved", "time_saved_verdict", "train_all", "train_groups",
+           "variant_options", "verdict", "wallclock"]

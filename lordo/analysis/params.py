@@ -8,7 +8,7 @@ import math
 import sys
 from typing import Any
 
-from lordo.analysis.training import ABLATIONS, TRAIN_FIELDS, min_side, run_config
+from lordo.analysis.training import ABLATIONS, TRAIN_FIELDS, min_side, run_config, variant_options
 from lordo.config import (
     LAUNCHERS,
     TrainConfig,
@@ -18,6 +18,8 @@ from lordo.config import (
 from lordo.model import PRESETS
 from lordo.optim import METHODS, MOMENT_RULES, is_rank
 from lordo.paths import repo_path
+
+NOISE_MODELS = ("shared point", "regime")   # notebook 01: the DDP runs whose models the projections are measured on
 
 # The parameters every notebook 00-04 has (notebook_params): the shared TRAIN_FIELDS, seeds, where things go.
 SHARED_PARAMS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_every", "proj_every", "rank",
@@ -47,6 +49,7 @@ CHECKS: dict[str, tuple[Any, str]] = {
     "seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
     "sweep_seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
     "batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1"),
+    "noise_models": (_list(lambda v: v in NOISE_MODELS), f"a non-empty list of {list(NOISE_MODELS)}"),
     "moments": (_list(lambda v: v in MOMENT_RULES), f"a non-empty list of {list(MOMENT_RULES)}"),
     "gap_steps": (lambda v: v is None or _int(1)(v), "None (the config files' steps) or an int >= 1"),
     "gap_batch_sizes": (_list(_int(1)), "a non-empty list of ints >= 1 that divide steps x batch_size"),
@@ -55,8 +58,16 @@ CHECKS: dict[str, tuple[Any, str]] = {
                "None or {TrainConfig field: value} (the claim-4 regime's changes to the shared point)"),
     "lrs": (_list(lambda v: is_number(v) and 0 < v < math.inf),
             "a non-empty list of learning rates, each a number > 0"),
-    "sweep_methods": (_list(lambda v: v in METHODS), f"a non-empty list of {list(METHODS)}"),
+    "sweep_methods": (_list(lambda v: isinstance(v, str) and (m := v.split(", "))[0] in METHODS
+                            and all(a in ABLATIONS for a in m[1:])),
+                      f"a non-empty list of methods {list(METHODS)}, each alone or as '<method>, <ablation>, ...' "
+                      f"with ablations of lordo.analysis.ABLATIONS: {list(ABLATIONS)}"),
     "sweep_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "one_worker_variants": (lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
+                            "a list of LoRDO variants of sweep_methods"),
+    "horizon_steps": (lambda v: v is None or _int(1)(v), "None (no longer runs) or an int >= 1"),
+    "horizon_variants": (lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
+                         "a list of variants of sweep_methods"),
     "ablations": (lambda v: isinstance(v, list | tuple) and all(a in ABLATIONS for a in v),
                   f"a list of names in lordo.diagnosis.ABLATIONS: {list(ABLATIONS)}"),
     "downstream_tasks": (lambda v: v is None or isinstance(v, str) and v.strip() != "",
@@ -113,10 +124,23 @@ def _checked(params: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any
                     raise ValueError(f"parameter {name}={params[name]!r} is invalid for preset {preset}: allowed ints "
                                      f"in [1, {min_side(preset)}] (its smallest matrix side) or fractions in (0, 1]")
     overrides = params.get("ladder_overrides") or {}
+    if "regime" in (params.get("noise_models") or ()) and not params.get("regime"):
+        raise ValueError("parameter noise_models names 'regime' but regime is None: give regime, or allowed "
+                         "noise_models ['shared point']")
+    swept = params.get("sweep_methods") or ()
+    unswept = [v for v in params.get("horizon_variants") or () if v not in swept]
+    if params.get("horizon_steps") and unswept:
+        raise ValueError(f"parameter horizon_variants={unswept!r} is invalid: allowed variants of sweep_methods "
+                         f"{list(swept)}")
+    alone = [v for v in params.get("one_worker_variants") or () if v not in swept or not v.startswith("lordo")]
+    if alone:
+        raise ValueError(f"parameter one_worker_variants={alone!r} is invalid: allowed LoRDO variants of "
+                         f"sweep_methods {list(swept)}")
     if params.get("regime"):
         for method in params.get("sweep_methods") or ["lordo"]:
+            name, options = variant_options(method)
             try:
-                run_config(params, method, **params["regime"])
+                run_config(params, name, **{**params["regime"], **options})
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"parameter regime={params['regime']!r} gives no valid {method} run: {e}") from None
     for preset in presets:   # the shared fields must make a valid run of every method (config_dir files exist)

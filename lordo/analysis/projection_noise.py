@@ -92,7 +92,7 @@ def projection_noise(run: Run, P: dict[str, Any]) -> tuple[pd.DataFrame, pd.Data
     from lordo.data import prepare
 
     c, M = run.config, P["workers"] or run.config.workers
-    rank = resolved_rank(run_config(P, "lordo"))
+    rank = resolved_rank(run_config(P, "lordo", preset=c.preset))   # P's rank on the run's model
     settings = {k: P[k] for k in ("batch_sizes", "ref_batch_size", "repeats", "local_steps", "reference_workers")}
     settings["lr"] = P["lr"] or c.lr
     key = {"run": c.hash(), "workers": M, "rank": rank, **settings}

@@ -30,7 +30,18 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no error feedback": {"error_feedback": False},
     "moments reset": {"moments_on_refresh": "reset"},
     "no clipping": {"clip": None},
+    "QH term at the update's RMS": {"qh_scale": "update_rms"},   # the full-rank term sized like the low-rank one
 }
+
+
+def variant_options(variant: str) -> tuple[str, dict[str, Any]]:
+    """A variant's method and options: '<method>', or '<method>, <ablation>, ...' with ablations of ABLATIONS
+    applied in order ('lordo, QH term at the update's RMS, Q from gradient')."""
+    method, *ablations = variant.split(", ")
+    options: dict[str, Any] = {}
+    for ablation in ablations:
+        options |= ABLATIONS[ablation]
+    return method, options
 
 
 def min_side(preset: str) -> int:
