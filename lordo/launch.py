@@ -23,7 +23,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,24 @@ def _run_threads(cfg: TrainConfig, data: Prepared, run_dir: Path, start: int | N
         raise failure[0]
 
 
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (`kill`, a scheduler preempting the job) stops a run as Ctrl-C does: every worker stops at a step,
+    with its checkpoint, and the run resumes. Only the main thread can take signals; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = False, resume: bool | None = None,
           stop_at: int | None = None, **fields: Any) -> Run:
     """Train (or load the cached result of) one configuration; returns the finished Run.
@@ -177,7 +196,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
     resume: None resumes an interrupted run if it has a checkpoint; True requires one; False
     starts over unless the run is finished (then it is loaded; force=True retrains).
     stop_at: stop after this step with a checkpoint, as if interrupted (for resume tests).
-    Ctrl-C stops every worker and raises Interrupted; the last checkpoint stays intact.
+    Ctrl-C or SIGTERM stops every worker and raises Interrupted; the last checkpoint stays intact.
     """
     if isinstance(config, TrainConfig):
         cfg = config.replace(**fields) if fields else config
@@ -194,7 +213,7 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
     resolve_device(cfg)
     data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens)
     model = asdict(model_config(cfg.preset, data.vocab_size, cfg.seq_len))
-    with RunLock(run_dir) as lock:
+    with RunLock(run_dir) as lock, sigterm_as_ctrl_c():
         start = prepare_run_dir(cfg, run_dir, resume, force, model, stop_at)
         copy_file(Path(data.tokenizer_path), run_dir / "tokenizer.json")
         try:

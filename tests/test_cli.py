@@ -193,14 +193,14 @@ def sim_straight(tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("how", ["sigint", "kill -9"])
+@pytest.mark.parametrize("how", ["sigint", "sigterm", "kill -9"])
 def test_interrupted_runs_resume_to_the_uninterrupted_result(how, sim_straight, tmp_path):
     args = SIM
     out = tmp_path / "cut"
     proc = start("train", *args, "--out", str(out))
     wait_for_checkpoint(proc, out, random.Random(how).choice([4, 8, 12, 16]))
-    if how == "sigint":
-        proc.send_signal(signal.SIGINT)
+    if how in ("sigint", "sigterm"):   # SIGTERM: `kill`, or a scheduler preempting the job
+        proc.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and len(err.strip().splitlines()) == 1, err
         assert re.fullmatch(r"lordo train: interrupted; the last checkpoint \(step \d+\) is intact: continue "
