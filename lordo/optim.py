@@ -782,9 +782,8 @@ class LoRDO(torch.optim.Optimizer):
         total = torch.linalg.vector_norm(torch.stack(norms))
         self._clip_norms = (norms, 1.0)
         if rule == "off":   # no host sync: scale by a tensor factor (1 when the clip does not bite)
-            factor = (clip / (total + 1e-6)).clamp(max=1.0)
-            self._scale_grads(grads, factor)
-            self._clip_norms = (norms, factor)
+            self._clip_norms = (norms, (clip / (total + 1e-6)).clamp(max=1.0))
+            self._scale_grads(grads, self._clip_norms[1])
             return True
         # The step's one host sync. Knowing the norm on the host also spares a step under the clip a
         # read and write of every gradient to multiply it by 1.
@@ -900,15 +899,16 @@ class LoRDO(torch.optim.Optimizer):
         # with N = u_hat / D (||Q N|| = ||N||: Q's columns are orthonormal); the low-rank part is omega N
         by_rms = omega < 1 and self.hparams["qh_scale"] == "update_rms"
         qh = denom.mean(dim=(1, 2)).reciprocal_() if omega < 1 and not by_rms else None
-        N = torch.div(u, denom, out=low).mul_(1 / (1 - b1**b.step))
+        N = torch.div(u, denom, out=low)
         # the step before a synchronization records the QH term's size over the low-rank term's (diagnostics)
         record = omega < 1 and self.hparams["diagnostics"] and (self.steps + 1) % self.hparams["sync_every"] == 0
         grad_norms = self._clipped_norms(b, grads) if by_rms or record else None
-        if by_rms:
-            qh = torch.linalg.vector_norm(N, dim=(1, 2)).div_(grad_norms.clamp(min=torch.finfo(N.dtype).tiny))
+        if by_rms:   # ||u_hat / D|| / ||G^||
+            qh = torch.linalg.vector_norm(N, dim=(1, 2)).div_((1 - b1**b.step) * grad_norms.clamp(
+                min=torch.finfo(N.dtype).tiny))
         if qh is not None:
             qh.mul_(-lr * (1 - omega))
-        N.mul_(omega)
+        N.mul_(omega / (1 - b1**b.step))
         if record:   # |qh| ||G^|| / (lr ||omega N||)
             b.qh_ratio = (qh.abs() * grad_norms / (lr * torch.linalg.vector_norm(N, dim=(1, 2)))).tolist()
         decay = 1 - lr * g["weight_decay"]
