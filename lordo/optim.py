@@ -815,8 +815,9 @@ class LoRDO(torch.optim.Optimizer):
                 norms[i] = _project_and_norm(b.work[j], b.Q[j], grads[i], b.transposed[j])
             b.projected = True
         rest = [i for i, n in enumerate(norms) if n is None]
-        for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest])):
-            norms[i] = n
+        if rest:   # empty when every parameter is a low-rank matrix already projected (foreach refuses [])
+            for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest])):
+                norms[i] = n
         return norms
 
     def _scale_grads(self, grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
@@ -1047,9 +1048,10 @@ class LoRDO(torch.optim.Optimizer):
             for j, i in enumerate(b.indices):
                 deltas[i] = torch.sub(self.params[i], anchor[i], out=X[j])
             stacks.append(X.mT if b.transposed[0] else X)
-        for i, d in zip(self.full, torch._foreach_sub([self.params[i] for i in self.full],
-                                                      [anchor[i] for i in self.full])):
-            deltas[i] = d
+        if self.full:   # foreach refuses []: a model of low-rank matrices only
+            for i, d in zip(self.full, torch._foreach_sub([self.params[i] for i in self.full],
+                                                          [anchor[i] for i in self.full])):
+                deltas[i] = d
         own = [X.clone() for X in stacks] if self.method.projection == "local" or hp["diagnostics"] else None
         self._all_reduce_mean(deltas, "sync")
         if outer is not None:   # Nesterov SGD on the outer gradient -Delta

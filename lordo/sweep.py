@@ -9,7 +9,8 @@ measured on the validation windows the runs evaluate during training; that lr th
 (the ones after them). Each LoRDO variant of `one_worker_variants` on one worker with all M*B sequences separates
 the optimizer's own share of the gap from the local-update penalty; it runs at its own chosen lr and low-rank
 DDP's and takes the better one as its own. `sweep_methods` may name variants, '<method>, <ablation>, ...' (ablations of
-analysis.ABLATIONS), swept like methods; `horizon_variants` train again, at their lrs, for `horizon_steps`.
+analysis.ABLATIONS), swept like methods; `horizon_variants` train again, at their lrs and on every seed, for
+`horizon_steps`.
 
     python -m lordo.sweep                    # recompute the cpu preset's tables (`make sweep`)
     python -m lordo.sweep --preset smoke     # the notebooks' smoke sizes, in a minute
@@ -172,17 +173,17 @@ def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
 
 def horizon_configs(P: dict[str, Any], chosen: dict[str, float]) -> list[tuple[str, TrainConfig]]:
     """The `horizon_variants` at their chosen lrs, trained for `horizon_steps` (its schedule stretched to them) on
-    `sweep_seeds`: whether the ranking and the gap hold with more training."""
+    every seed of `seeds`: whether the ranking and the gap hold with more training, with an interval."""
     if not P.get("horizon_steps"):
         return []
     return [(v, variant_config(P, v, chosen[v], s).replace(steps=P["horizon_steps"]))
-            for v in P["horizon_variants"] for s in P["sweep_seeds"]]
+            for v in P["horizon_variants"] for s in P["seeds"]]
 
 
 def cache_key(P: dict[str, Any]) -> dict[str, Any]:
     return {"grid": [c.hash() for c in grid(P)], "seeds": list(P["seeds"]), "heldout_factor": HELDOUT_FACTOR,
             "max_extensions": MAX_EXTENSIONS, "one_worker": list(P["one_worker_variants"]),
-            "horizon": [P.get("horizon_steps"), list(P.get("horizon_variants") or [])]}
+            "horizon": [P.get("horizon_steps"), list(P.get("horizon_variants") or []), list(P["seeds"])]}
 
 
 def lr_sweep(P: dict[str, Any], recompute: bool = False) -> dict[str, pd.DataFrame]:

@@ -77,8 +77,8 @@ class Toy:
         """lordo.optim on M simulated workers; each worker's final parameters."""
         def worker(comm):
             params = {n: t.clone().requires_grad_() for n, t in self.init_params().items()}
-            groups = [{"params": [params["w_in"], params["w_out"], params["bias"]], "lowrank": True},
-                      {"params": [params["emb"]], "lowrank": False}]
+            groups = [{"params": [p for n, p in params.items() if n != "emb"], "lowrank": True},
+                      {"params": [params["emb"]] if "emb" in params else [], "lowrank": False}]
             opt = make_optimizer(method, groups, comm=comm if workers > 1 else None, proj_method="svd",
                                  comm_dtype=comm_dtype, **hp)
             for step in range(steps):
@@ -95,9 +95,28 @@ def gpt() -> SmallGPT:
     return SmallGPT()
 
 
+class MatricesOnlyToy(Toy):
+    """The toy without its embedding and bias: every parameter is a low-rank matrix, so the optimizer has no
+    AdamW parameter at all (a model of bias-free linear layers)."""
+
+    def init_params(self) -> dict[str, torch.Tensor]:
+        return {n: t for n, t in super().init_params().items() if n in self.matrices}
+
+    def loss(self, params: dict[str, torch.Tensor], worker: int, step: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 * worker + step)
+        x = torch.randn(8, 6, generator=g, dtype=self.dtype)
+        y = torch.randn(8, 7, generator=g, dtype=self.dtype)
+        return ((torch.tanh(x @ params["w_in"]) @ params["w_out"] - y) ** 2).mean()
+
+
 @pytest.fixture(scope="session")
 def toy() -> Toy:
     return Toy()
+
+
+@pytest.fixture(scope="session")
+def matrices_only_toy() -> MatricesOnlyToy:
+    return MatricesOnlyToy()
 
 
 @pytest.fixture(scope="session")

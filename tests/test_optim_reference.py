@@ -61,6 +61,13 @@ def test_row_blocks_match_reference(toy, method, case, fast_only, monkeypatch):
         check_against_reference(toy, method, 2, case, fast_only)
 
 
+@pytest.mark.parametrize("method", ["lowrank_ddp", "lordo_local", "lordo_global", "lordo"])
+@pytest.mark.parametrize("case", [{"clip": 0.05}, {}])
+def test_a_model_of_lowrank_matrices_only_matches_reference(matrices_only_toy, method, case):
+    """No embedding, norm or bias: the step's norms and the synchronization have no AdamW parameter to visit."""
+    check_against_reference(matrices_only_toy, method, 2, case)
+
+
 def check_against_reference(toy, method, workers, case, fast_only=None):
     hp = {**toy.base, **case}
     expected = reference_train(method, toy.init_params(), toy.grad_fn, workers, toy.steps, matrices=toy.matrices, **hp)

@@ -114,7 +114,8 @@ def test_heldout_windows_follow_the_selection_windows_and_match_a_direct_computa
     assert (selected["lr"] == selected["variant"].map(chosen)).all()
     assert selected.groupby("variant")["seed"].apply(sorted).to_dict() == {v: [0, 1] for v in chosen}
     longer = runs[runs["stage"] == "horizon"]    # the horizon variants again at their lrs, for horizon_steps
-    assert longer["variant"].tolist() == P["horizon_variants"] and not longer["selected"].any()
+    assert longer["variant"].tolist() == [v for v in P["horizon_variants"] for _ in P["seeds"]]
+    assert longer["seed"].tolist() == P["seeds"] * len(P["horizon_variants"]) and not longer["selected"].any()
     assert (longer["lr"] == longer["variant"].map(chosen)).all() and set(longer["steps"]) == {P["horizon_steps"]}
     assert set(tables["curves"].loc[tables["curves"]["stage"] == "horizon", "run"]) == set(longer["run"])
     assert len(runs) == len(grid_rows) + len(control) + 5 + len(longer)   # + seed 1 of each variant at its lr
