@@ -33,7 +33,7 @@ def swiglu_width(d_model: int, multiple: int = 256) -> int:
 
 GPT2_VOCAB = 50304  # GPT-2's 50257 tokens padded to a multiple of 64 for fast matmuls
 
-# Parameter counts (tied embedding counted once): nano 0.63M, tiny 1.01M, small 10.2M,
+# Parameter counts (tied embedding counted once): nano 0.63M, tiny 1.01M, mini 2.58M, small 10.2M,
 # 125m 123.6M, 350m 359.8M, 720m 719.6M. tiny is 78% embedding; "blocks" (1.12M with a 2048 vocabulary) puts 76%
 # of its parameters in the block matrices that the low-rank methods compress, like 125m (69%), at tiny's cost
 # per token.
@@ -41,6 +41,7 @@ PRESETS: dict[str, dict] = {
     "nano": dict(vocab_size=8192, d_model=64, n_layers=2, n_heads=4, d_ff=192, max_seq_len=256),
     "tiny": dict(vocab_size=8192, d_model=96, n_layers=2, n_heads=3, d_ff=256, max_seq_len=256),
     "blocks": dict(vocab_size=2048, d_model=128, n_layers=4, n_heads=4, d_ff=384, max_seq_len=256),
+    "mini": dict(vocab_size=8192, d_model=160, n_layers=4, n_heads=4, d_ff=448, max_seq_len=256),
     "small": dict(vocab_size=8192, d_model=384, n_layers=4, n_heads=6, d_ff=1024, max_seq_len=512),
     "125m": dict(vocab_size=GPT2_VOCAB, d_model=768, n_layers=12, n_heads=12, d_ff=swiglu_width(768),
                  max_seq_len=2048),
@@ -58,6 +59,12 @@ def model_config(preset: str, vocab_size: int | None = None, max_seq_len: int | 
     cfg.vocab_size = vocab_size or cfg.vocab_size
     cfg.max_seq_len = max_seq_len or cfg.max_seq_len
     return cfg
+
+
+def preset_params(preset: str, vocab_size: int | None = None) -> int:
+    """The preset's parameter count (with `vocab_size` in place of its own), from a model on the meta device."""
+    with torch.device("meta"):
+        return GPT(model_config(preset, vocab_size)).num_params()
 
 
 class RMSNorm(nn.Module):

@@ -4,9 +4,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from lordo.model import GPT, PRESETS, ModelConfig, model_config
+from lordo.model import GPT, PRESETS, ModelConfig, model_config, preset_params
 
-NOMINAL = {"blocks": 1.1e6, "nano": None, "tiny": 1e6, "small": 10e6, "125m": 125e6, "350m": 350e6, "720m": 720e6}
+NOMINAL = {"blocks": 1.1e6, "nano": None, "tiny": 1e6, "mini": 2.6e6, "small": 10e6, "125m": 125e6, "350m": 350e6,
+           "720m": 720e6}
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
@@ -20,6 +21,8 @@ def test_preset_parameter_counts(preset):
         assert abs(n - NOMINAL[preset]) / NOMINAL[preset] < 0.05, f"{preset}: {n:,}"
     assert model.lm_head.weight is model.embed_tokens.weight
     assert model.flops_per_token(2048) > 6 * n
+    c = model.config
+    assert preset_params(preset) == n and preset_params(preset, vocab_size=300) == n - (c.vocab_size - 300) * c.d_model
 
 
 def test_paper_presets_shape():

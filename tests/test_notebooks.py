@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from lordo import analysis, reproduce
+from lordo.model import preset_params
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,6 +96,24 @@ def test_shared_runs_have_one_config():
     assert analysis.run_config(P, "lordo", rank=12).hash() == analysis.run_config(P, "lordo").hash()  # 0.125 x 96
     assert analysis.run_config(P, "lordo", moments_on_refresh="keep").hash() == analysis.run_config(P, "lordo").hash()
     assert analysis.run_config(P, "lordo", moments_on_refresh="reset").hash() != analysis.run_config(P, "lordo").hash()
+
+
+def test_ladder_rungs_train_equal_tokens_per_parameter():
+    P = analysis.check_params(**PRESETS["cpu"])
+    rungs = {p: analysis.ladder_config(P, p, "lordo", 0) for p in ("nano", "tiny", "mini", "small")}
+    per_param = {p: c.steps * c.tokens_per_step / preset_params(p) for p, c in rungs.items()}
+    shared = P["steps"] * analysis.run_config(P, "lordo").tokens_per_step / preset_params(P["preset"])
+    for p, c in rungs.items():   # within half a step of the shared point's tokens per parameter
+        assert abs(per_param[p] - shared) <= 0.5 * c.tokens_per_step / preset_params(p), p
+    assert rungs["nano"].steps < P["steps"] < rungs["mini"].steps < rungs["small"].steps
+    assert rungs[P["preset"]].hash() == analysis.run_config(P, "lordo", seed=0).hash()   # the shared point's own run
+    doubled = analysis.ladder_config(P | {"ladder_overrides": {"mini": {"batch_size": 8}}}, "mini", "lordo", 0)
+    assert abs(doubled.steps - rungs["mini"].steps / 2) <= 0.5   # twice the batch, half the steps: the same tokens
+    unequal = analysis.ladder_config(P | {"equal_tokens_per_param": False}, "mini", "lordo", 0)
+    assert unequal.steps == P["steps"]
+    with pytest.raises(ValueError, match=r"^parameter ladder_overrides=.* sets steps for \['mini'\] while "
+                                         r"equal_tokens_per_param=True"):
+        analysis.check_params(**PRESETS["cpu"] | {"ladder_overrides": {"mini": {"steps": 10}}})
 
 
 @pytest.mark.integration

@@ -58,6 +58,7 @@ from lordo.analysis.tables import (
 from lordo.analysis.training import (
     ABLATIONS,
     TRAIN_FIELDS,
+    ladder_config,
     matrix_rank,
     min_side,
     resolved_rank,
@@ -72,7 +73,8 @@ __all__ = ["ABLATIONS", "CHECKS", "COMM_REDUCTION_SHARE", "DEFAULTS", "EXPLORING
            "SHARED_PARAMS", "SQRT_B_SLOPE", "STAGNANT_EXPLORED", "STAGNANT_SIMILARITY", "STATE_RATIO_TOLERANCE",
            "TRAIN_FIELDS", "cached_tables", "check_params", "ci95", "claim", "claims_table",
            "comm_reduction_verdict", "curves",
-           "describe", "downstream", "exploration_verdict", "fmt_gap", "layer_type", "load_run_model", "load_table",
+           "describe", "downstream", "exploration_verdict", "fmt_gap", "ladder_config", "layer_type", "load_run_model",
+           "load_table",
            "local_noisier", "matrix_rank", "matrix_state", "memory_options", "min_side", "moments_verdict",
            "noise_verdict", "notebook_params", "paired_gap", "paper_reference", "projection_noise", "resolved_rank",
            "run_config", "save_table", "slope_fits", "stagnation_verdict", "state_verdict", "summaries",

@@ -8,7 +8,7 @@ import math
 import sys
 from typing import Any
 
-from lordo.analysis.training import ABLATIONS, TRAIN_FIELDS, min_side, run_config, variant_options
+from lordo.analysis.training import ABLATIONS, TRAIN_FIELDS, ladder_config, min_side, run_config, variant_options
 from lordo.config import (
     LAUNCHERS,
     TrainConfig,
@@ -78,6 +78,8 @@ CHECKS: dict[str, tuple[Any, str]] = {
                    "None, or a directory of <preset>.yaml files (as configs/paper)"),
     "ladder_overrides": (lambda v: v is None or isinstance(v, dict) and all(
         k in PRESETS and isinstance(o, dict) for k, o in v.items()), "None or {preset: {config field: value}}"),
+    "equal_tokens_per_param": (lambda v: isinstance(v, bool), "True (each rung trains preset's tokens per "
+                               "parameter) or False (each rung trains steps, or its ladder_overrides)"),
     "results_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
     "bandwidths_gbps": (_list(lambda v: is_number(v) and v > 0),
                         "a non-empty list of bandwidths in Gb/s, each > 0"),
@@ -143,10 +145,14 @@ def _checked(params: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any
                 run_config(params, name, **{**params["regime"], **options})
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"parameter regime={params['regime']!r} gives no valid {method} run: {e}") from None
+    timed = [p for p, o in overrides.items() if "steps" in o]
+    if params.get("equal_tokens_per_param") and timed:
+        raise ValueError(f"parameter ladder_overrides={overrides!r} sets steps for {timed} while "
+                         "equal_tokens_per_param=True sets every rung's: allowed one of the two")
     for preset in presets:   # the shared fields must make a valid run of every method (config_dir files exist)
         for method in params.get("methods") or ["lordo"]:
             try:
-                run_config(params | {"preset": preset}, method, **overrides.get(preset, {}))
+                ladder_config(params, preset, method, seed=0)
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"the parameters give no valid {method} run on {preset}: {e}") from None
     return params

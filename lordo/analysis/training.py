@@ -11,7 +11,7 @@ from lordo.config import (
     read_config_file,
     unused_fields,
 )
-from lordo.model import PRESETS
+from lordo.model import PRESETS, preset_params
 from lordo.optim import DEFAULTS, METHODS, resolve_rank
 from lordo.paths import repo_path
 from lordo.runs import Run
@@ -71,6 +71,26 @@ def run_config(P: dict[str, Any], method: str, **overrides: Any) -> TrainConfig:
         if k in unused_fields(method) or fields.get(k) == (m.omega if k == "omega" else DEFAULTS.get(k)):
             fields.pop(k, None)
     return make_config({**base, **fields, "method": method, "progress": False})
+
+
+def ladder_config(P: dict[str, Any], preset: str, method: str, seed: int) -> TrainConfig:
+    """A rung of notebook 04's ladder: `method` on `preset` with the preset's `ladder_overrides`. Under
+    `equal_tokens_per_param` the rung trains as many tokens per parameter as P["preset"] does at its steps
+    (its steps rounded, warmup and schedule stretched to them), so that a larger model is not compared
+    undertrained; P["preset"]'s own rung is then exactly the shared point's run."""
+    overrides = (P.get("ladder_overrides") or {}).get(preset, {})
+    rung = run_config(P | {"preset": preset}, method, seed=seed, **overrides)
+    if not P.get("equal_tokens_per_param"):
+        return rung
+    shared = run_config(P, method, seed=seed)
+    tokens_per_param = shared.steps * shared.tokens_per_step / _params(shared)
+    steps = max(1, round(tokens_per_param * _params(rung) / rung.tokens_per_step))
+    return run_config(P | {"preset": preset}, method, seed=seed, **overrides, steps=steps)
+
+
+def _params(c: TrainConfig) -> int:
+    """The run's parameter count: its BPE vocabulary's (other tokenizers: approximately, the preset's)."""
+    return preset_params(c.preset, c.vocab_size if c.tokenizer == "bpe" else None)
 
 
 def train_all(configs: list[TrainConfig], desc: str = "runs") -> list[Run]:
