@@ -111,9 +111,13 @@ def test_ladder_rungs_train_equal_tokens_per_parameter():
     assert abs(doubled.steps - rungs["mini"].steps / 2) <= 0.5   # twice the batch, half the steps: the same tokens
     unequal = analysis.ladder_config(P | {"equal_tokens_per_param": False}, "mini", "lordo", 0)
     assert unequal.steps == P["steps"]
-    with pytest.raises(ValueError, match=r"^parameter ladder_overrides=.* sets steps for \['mini'\] while "
-                                         r"equal_tokens_per_param=True"):
+    for rung in rungs.values():   # the same schedule shape: warmup the same share of the steps
+        assert abs(rung.warmup - rungs[P["preset"]].warmup * rung.steps / P["steps"]) <= 0.5
+    with pytest.raises(ValueError, match=r"ladder_overrides=\{'mini': \{'steps': 10\}\} sets the steps or warmup "
+                                         r"of mini while equal_tokens_per_param=True sets every rung's: allowed"):
         analysis.check_params(**PRESETS["cpu"] | {"ladder_overrides": {"mini": {"steps": 10}}})
+    with pytest.raises(ValueError, match=r"equal_tokens_per_param=True is invalid with tokenizer='gpt2'"):
+        analysis.ladder_config(P | {"ladder_overrides": {"mini": {"tokenizer": "gpt2"}}}, "mini", "lordo", 0)
 
 
 @pytest.mark.integration

@@ -125,7 +125,6 @@ def _checked(params: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any
                 if isinstance(r, int) and r > min_side(preset):
                     raise ValueError(f"parameter {name}={params[name]!r} is invalid for preset {preset}: allowed ints "
                                      f"in [1, {min_side(preset)}] (its smallest matrix side) or fractions in (0, 1]")
-    overrides = params.get("ladder_overrides") or {}
     if "regime" in (params.get("noise_models") or ()) and not params.get("regime"):
         raise ValueError("parameter noise_models names 'regime' but regime is None: give regime, or allowed "
                          "noise_models ['shared point']")
@@ -145,10 +144,6 @@ def _checked(params: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any
                 run_config(params, name, **{**params["regime"], **options})
             except (ValueError, FileNotFoundError) as e:
                 raise ValueError(f"parameter regime={params['regime']!r} gives no valid {method} run: {e}") from None
-    timed = [p for p, o in overrides.items() if "steps" in o]
-    if params.get("equal_tokens_per_param") and timed:
-        raise ValueError(f"parameter ladder_overrides={overrides!r} sets steps for {timed} while "
-                         "equal_tokens_per_param=True sets every rung's: allowed one of the two")
     for preset in presets:   # the shared fields must make a valid run of every method (config_dir files exist)
         for method in params.get("methods") or ["lordo"]:
             try:

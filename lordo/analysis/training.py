@@ -75,22 +75,30 @@ def run_config(P: dict[str, Any], method: str, **overrides: Any) -> TrainConfig:
 
 def ladder_config(P: dict[str, Any], preset: str, method: str, seed: int) -> TrainConfig:
     """A rung of notebook 04's ladder: `method` on `preset` with the preset's `ladder_overrides`. Under
-    `equal_tokens_per_param` the rung trains as many tokens per parameter as P["preset"] does at its steps
-    (its steps rounded, warmup and schedule stretched to them), so that a larger model is not compared
-    undertrained; P["preset"]'s own rung is then exactly the shared point's run."""
+    `equal_tokens_per_param` the rung trains as many tokens per parameter as P["preset"] does at its steps: its
+    steps and its warmup scaled alike (rounded), so every rung has the same schedule shape and a larger model is
+    not compared undertrained; P["preset"]'s own rung is then the shared point's run (unless overridden)."""
     overrides = (P.get("ladder_overrides") or {}).get(preset, {})
     rung = run_config(P | {"preset": preset}, method, seed=seed, **overrides)
     if not P.get("equal_tokens_per_param"):
         return rung
+    if "steps" in overrides or "warmup" in overrides:
+        raise ValueError(f"parameter ladder_overrides={P['ladder_overrides']!r} sets the steps or warmup of "
+                         f"{preset} while equal_tokens_per_param=True sets every rung's: allowed ladder_overrides "
+                         "without them, or equal_tokens_per_param=False")
     shared = run_config(P, method, seed=seed)
-    tokens_per_param = shared.steps * shared.tokens_per_step / _params(shared)
-    steps = max(1, round(tokens_per_param * _params(rung) / rung.tokens_per_step))
-    return run_config(P | {"preset": preset}, method, seed=seed, **overrides, steps=steps)
+    scale = (shared.steps * shared.tokens_per_step / _params(shared)) * _params(rung) / rung.tokens_per_step
+    steps = max(1, round(scale))
+    return rung.replace(steps=steps, warmup=round(shared.warmup * steps / shared.steps))
 
 
 def _params(c: TrainConfig) -> int:
-    """The run's parameter count: its BPE vocabulary's (other tokenizers: approximately, the preset's)."""
-    return preset_params(c.preset, c.vocab_size if c.tokenizer == "bpe" else None)
+    """The run's parameter count, known before its data are prepared: the model's vocabulary is the BPE's."""
+    if c.tokenizer != "bpe":
+        raise ValueError(f"parameter equal_tokens_per_param=True is invalid with tokenizer={c.tokenizer!r}: allowed "
+                         "with the 'bpe' tokenizer only (its vocab_size sets the model's parameter count before the "
+                         "data are prepared)")
+    return preset_params(c.preset, c.vocab_size)
 
 
 def train_all(configs: list[TrainConfig], desc: str = "runs") -> list[Run]:
