@@ -61,11 +61,17 @@ def test_row_blocks_match_reference(toy, method, case, fast_only, monkeypatch):
         check_against_reference(toy, method, 2, case, fast_only)
 
 
-@pytest.mark.parametrize("method", ["lowrank_ddp", "lordo_local", "lordo_global", "lordo"])
-@pytest.mark.parametrize("case", [{"clip": 0.05}, {}])
-def test_a_model_of_lowrank_matrices_only_matches_reference(matrices_only_toy, method, case):
+MATRICES_ONLY = [("lowrank_ddp", {}), ("lowrank_ddp", {"clip": 0.05}), ("lordo_local", {}), ("lordo_global", {}),
+                 ("lordo", {}), ("lordo", {"clip": 0.05}), ("lordo", {"qh_scale": "update_rms", "clip": 0.05}),
+                 ("lordo", {"outer_lr": 0.7, "outer_momentum": 0.9})]
+
+
+@pytest.mark.parametrize("method,workers,case", [
+    pytest.param(method, workers, case, id=case_id(method, workers, case))
+    for method, case in MATRICES_ONLY for workers in (1, 2)])
+def test_a_model_of_lowrank_matrices_only_matches_reference(matrices_only_toy, method, workers, case):
     """No embedding, norm or bias: the step's norms and the synchronization have no AdamW parameter to visit."""
-    check_against_reference(matrices_only_toy, method, 2, case)
+    check_against_reference(matrices_only_toy, method, workers, case)
 
 
 def check_against_reference(toy, method, workers, case, fast_only=None):
