@@ -35,7 +35,7 @@ test: lint
 reproduce: env
 	$(BIN)/python -m lordo.reproduce --preset $(PRESET)
 
-# Recompute notebook 06's cached lr sweep at the claim-4 regime (sweeps/<preset>/; about 2.5 hours on the cpu preset;
+# Recompute notebook 06's cached lr sweep at the claim-4 regime (sweeps/<preset>/; about four hours on the cpu preset;
 # runs already in runs/ are reused). `make reproduce` reads the committed tables instead.
 sweep: env
 	$(BIN)/python -m lordo.sweep --preset $(PRESET) --recompute

@@ -15,7 +15,7 @@ analysis.ABLATIONS), swept like methods; `horizon_variants` train again, at thei
     python -m lordo.sweep                    # recompute the cpu preset's tables (`make sweep`)
     python -m lordo.sweep --preset smoke     # the notebooks' smoke sizes, in a minute
 
-On the cpu preset its ~55 runs take about three hours on two CPU cores, so the tables are cached in `sweep_dir`
+On the cpu preset its 55 runs take about four hours on two CPU cores, so the tables are cached in `sweep_dir`
 (committed for the cpu preset, so `make reproduce` reads them) under the config hashes of the grid; a changed grid, or
 `--recompute`, trains what is missing (runs stay cached in runs/) and rewrites them.
 """
