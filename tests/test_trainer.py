@@ -129,7 +129,7 @@ def test_half_written_checkpoint_is_never_read(tmp_path):
 
 @pytest.mark.parametrize("fields, message", [
     (dict(method="sgd"), "method='sgd' is invalid: allowed one of ['ddp', 'local_adam', 'lordo'"),
-    (dict(preset="huge"), "preset='huge' is invalid: allowed one of ['125m', '350m', '720m', 'blocks', 'nano'"),
+    (dict(preset="huge"), "preset='huge' is invalid: allowed one of ['125m', '350m', '720m', 'blocks', 'mini', 'nano'"),
     (dict(rank=-2), "rank=-2 is invalid"), (dict(steps=0), "steps=0 is invalid: allowed an int >= 1"),
     (dict(schedule="linear"), "schedule='linear' is invalid"), (dict(colour="red"), "unknown config field 'colour'"),
     (dict(launcher="torchrun", workers=3, nproc_per_node=2), "nproc_per_node=2 is invalid"),
