@@ -23,6 +23,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (lordo)" >/dev/null
+	$(BIN)/python -c "import lordo.kernels as k; k.lowrank_cpu()"   # compile the CPU kernels once, here
 	touch $(STAMP)
 
 lint: env

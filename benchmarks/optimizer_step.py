@@ -6,8 +6,9 @@
 No model and no data: each shape set is a plain list of parameters with the shapes of a
 Llama-style decoder (`SHAPES`) and random gradients, so only the optimizer is timed.
 
-1. Local step (no sync): `lordo` with its defaults (omega 0.7, error feedback, clip 1.0), and with
-   `state_dtype="bfloat16"`, against `torch.optim.AdamW` (foreach and fused) and GaLore's
+1. Local step (no sync): `lordo` with its defaults (omega 0.7, error feedback, clip 1.0; on CPU in float32
+   the compiled kernels of `lordo.kernels`), with `state_dtype="bfloat16"`, and on CPU with `fused=False`
+   (the eager PyTorch path, same results), against `torch.optim.AdamW` (foreach and fused) and GaLore's
    `GaLoreAdamW` at the same rank. GaLore's
    steady step reuses its projection; its refresh step (an SVD of every matrix, every 200 steps)
    is timed separately and amortized: (199 steady + 1 refresh) / 200.
@@ -145,6 +146,8 @@ def optimizers(mats: list, rest: list, rank: int, ablations: bool) -> dict:
         "lordo": lordo(),
         "lordo state_dtype=bfloat16": lordo(state_dtype="bfloat16"),
     }
+    if mats[0].device.type == "cpu" and mats[0].dtype == torch.float32:   # where the compiled kernels apply
+        opts["lordo fused=False"] = lordo(fused=False)
     if ablations:   # what the parts of lordo's step cost (GaLore neither clips nor keeps error feedback)
         opts |= {"lordo clip=None": lordo(clip=None, nonfinite="off"),
                  "lordo error_feedback=False": lordo(error_feedback=False),
@@ -254,6 +257,9 @@ def step_table(shape: str, rank: int, opts: dict, mats: list, args, timer: Timer
                f"{'MET' if vs <= 1 else 'NOT MET'}; / GaLore amortized = {lordo / amortized:.2f}; "
                f"/ AdamW fused = {fused:.2f}" + (f" (target <= 2.0 at d/16): {'MET' if fused <= 2 else 'NOT MET'}"
                                                  if d16 else ""))
+    if "lordo fused=False" in times:
+        eager = statistics.median(a / b for a, b in zip(times["lordo fused=False"], times["AdamW fused"]))
+        verdict += f"; eager path (fused=False) / AdamW fused = {eager:.2f}"
     return lordo, verdict
 
 

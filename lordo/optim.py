@@ -28,6 +28,9 @@ sweep that adds G to R and -lr Q N (weight decay as the product's beta) and the 
 (`_apply_lowrank_`). On a one-thread CPU a visit goes by blocks of rows that stay in cache between
 its operations, so from memory G is read twice and R and W once each read and written: 6 full-size
 passes, against 7 for fused AdamW (one pass after another, as before, made 10, 12 with weight decay).
+On a CPU in float32 both visits run in compiled kernels (`lordo.kernels`, built on first use; `fused=False`
+keeps the eager path, `fused=True` insists on the kernels): the same ATen products and norms in the same
+blocks, so the same bits, with R += G and the QH term in one loop and no Python per block.
 
 Memory options. `state_dtype="bfloat16"` stores every moment (low-rank and AdamW) and the error
 feedback in bfloat16: the arithmetic stays in the parameters' precision (float32 or wider) and only
@@ -56,6 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lordo.comm import disable_ddp_allreduce
+from lordo.kernels import build_error, lowrank_cpu
 from lordo.projection import (
     PROJ_METHODS,
     basis_similarity,
@@ -184,6 +188,9 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
 # the next. Threaded, each operation costs a fork and join of the threads, which on a loaded machine cost more
 # than the blocks save (benchmarks/README.md); there, and on a GPU, each pass is taken whole.
 CPU_BLOCK = 1 << 17
+# Whether ATen's element-wise CPU kernels fuse a multiply-add (its vector kernels do): the compiled kernels round
+# W + G qh the same way.
+FUSED_MULTIPLY_ADD = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
 def _block_rows(X: torch.Tensor) -> int:
@@ -343,6 +350,7 @@ class _Bucket:
     visits: torch.Tensor | None = None  # diagnostics: (n, p, p) sum of Q Q^T over refreshes
     qh_ratio: list[float] | None = None  # diagnostics: QH term's size / low-rank term's, the step before a sync
     work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
+    compiled: bool = False          # eligible for the compiled CPU kernels (float32 on CPU, fused not False)
 
 
 def _zeros_like_weights(p: torch.Tensor, n: int, rows: int, cols: int, transposed: bool,
@@ -417,7 +425,7 @@ class LoRDO(torch.optim.Optimizer):
     refuse_averaged_gradients = True
 
     def __init__(self, params: Iterable[Any], method: str = "lordo", comm: Any = None, *,
-                 model: nn.Module | None = None, **hparams: Any):
+                 model: nn.Module | None = None, fused: bool | None = None, **hparams: Any):
         if method not in METHODS:
             raise ValueError(f"method={method!r} is unknown: allowed {sorted(METHODS)}")
         self.method = METHODS[method]
@@ -433,6 +441,9 @@ class LoRDO(torch.optim.Optimizer):
         self.comm = comm
         self.world_size = comm.world_size if comm is not None else 1
         self._model = model
+        check(fused is None or isinstance(fused, bool), "fused", fused, "None, True or False")
+        self.fused = fused
+        self._kernels: Any = None      # lordo.kernels.lowrank_cpu(), for the buckets that can use it
         self._explicit_rank: list[bool] = []       # per group: whether it gave `rank` itself (galore style)
         self._initialized = False
         super().__init__(params, {k: hp[k] for k in GROUP_KEYS} | {"lowrank": None})
@@ -542,6 +553,14 @@ class LoRDO(torch.optim.Optimizer):
             b.exp_avg_sq = _zeros_like_weights(p0, n, b.rank, cols, t, dt)
             b.work = _zeros_like_weights(p0, n, b.rank, cols, t, p0.dtype)
             b.ef = _zeros_like_weights(p0, n, rows, cols, t, dt) if ef else None
+            b.compiled = self.fused is not False and p0.device.type == "cpu" and dt == p0.dtype == torch.float32
+        if self.fused is not False and any(b.compiled for b in self.buckets):
+            self._kernels = lowrank_cpu()
+            if self._kernels is None and self.fused:
+                raise RuntimeError(f"lordo: fused=True, but the CPU kernels could not be built: {build_error()}")
+        elif self.fused and self.buckets:
+            raise ValueError("lordo: fused=True needs float32 low-rank matrices on CPU with state_dtype='float32' "
+                             "(on a GPU or in other dtypes the step runs its eager path: use fused=None)")
         if self.method.local:
             self._anchor = [self._held(p) for p in self.params]
             self._outer_m = ([self._held(torch.zeros_like(p)) for p in self.params]
@@ -811,8 +830,14 @@ class LoRDO(torch.optim.Optimizer):
         for b in self.buckets:
             if b.Q is None or b.fresh or b.work.device.type != "cpu" or not lazy and b.ef is not None:
                 continue
-            for j, i in enumerate(b.indices):
-                norms[i] = _project_and_norm(b.work[j], b.Q[j], grads[i], b.transposed[j])
+            own = [grads[i] for i in b.indices]
+            if self._compiled(b, own):
+                for i, n in zip(b.indices, self._kernels.project_and_norm(b.work, b.Q, own, b.transposed[0],
+                                                                          _block_rows(own[0])).unbind(0)):
+                    norms[i] = n
+            else:
+                for j, i in enumerate(b.indices):
+                    norms[i] = _project_and_norm(b.work[j], b.Q[j], grads[i], b.transposed[j])
             b.projected = True
         rest = [i for i, n in enumerate(norms) if n is None]
         if rest:   # empty when every parameter is a low-rank matrix already projected (foreach refuses [])
@@ -913,9 +938,19 @@ class LoRDO(torch.optim.Optimizer):
         if record:   # |qh| ||G^|| / (lr ||omega N||)
             b.qh_ratio = (qh.abs() * grad_norms / (lr * torch.linalg.vector_norm(N, dim=(1, 2)))).tolist()
         decay = 1 - lr * g["weight_decay"]
+        if self._compiled(b, grads):
+            self._kernels.apply_lowrank([self.params[i] for i in b.indices], grads, ef if pending else [], b.Q, N,
+                                        b.transposed[0], lr, decay, [] if qh is None else qh.tolist(),
+                                        _block_rows(grads[0]), FUSED_MULTIPLY_ADD)
+            return
         for j, i in enumerate(b.indices):
             _apply_lowrank_(self.params[i], grads[j], b.Q[j], N[j], b.transposed[j], lr=lr, decay=decay,
                             qh=None if qh is None else qh[j], ef=ef[j] if pending else None)
+
+    def _compiled(self, b: _Bucket, grads: list[torch.Tensor]) -> bool:
+        """Whether this step of bucket b runs the compiled CPU kernels (their results are the eager path's)."""
+        return (b.compiled and self._kernels is not None and all(g.is_contiguous() for g in grads)
+                and all(self.params[i].is_contiguous() for i in b.indices))
 
     def _clipped_norms(self, b: _Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
         """||G^|| of the bucket's matrices: the clip's norms times its factor when it took them, else one more

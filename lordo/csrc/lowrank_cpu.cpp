@@ -1,0 +1,141 @@
+// The full-size part of LoRDO's low-rank step on CPU, for float32 matrices: the same ATen products and norms
+// as lordo/optim.py's `_project_and_norm` and `_apply_lowrank_`, in the same order and the same blocks of rows,
+// so the results are bit-identical to them; what changes is that the error-feedback sum R += G and the QH term
+// W += qh G are one loop over each block (one pass instead of two), and that a bucket's matrices are visited
+// from C++ (about 1,500 fewer Python-level operations a step). Built on first use by lordo/kernels.py.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+// W += G * qh (and R += G) over n entries, rounded as ATen's addcmul_ rounds it: with ATen's vector kernels
+// (AVX2, AVX512) the multiply-add is fused, with its scalar fallback (capability DEFAULT) it is not. Both
+// variants are written out, so the compiler's contraction settings do not decide.
+#if defined(__x86_64__)
+#define LORDO_FMA_TARGET __attribute__((target("avx2,fma")))
+#else
+#define LORDO_FMA_TARGET
+#endif
+
+LORDO_FMA_TARGET void add_fused(float* __restrict w, const float* __restrict g, float* __restrict r, int64_t n,
+                                float qh) {
+  if (r != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i];
+      r[i] += gi;
+      w[i] = __builtin_fmaf(gi, qh, w[i]);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) w[i] = __builtin_fmaf(g[i], qh, w[i]);
+  }
+}
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+void add_unfused(float* __restrict w, const float* __restrict g, float* __restrict r, int64_t n, float qh) {
+  if (r != nullptr) {
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i];
+      r[i] += gi;
+      w[i] = w[i] + gi * qh;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) w[i] = w[i] + g[i] * qh;
+  }
+}
+#pragma GCC pop_options
+
+void accumulate(float* __restrict r, const float* __restrict g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) r[i] += g[i];
+}
+
+// The element-wise part of a block: R += G (when r), then W += G * qh (when has_qh); split between the intra-op
+// threads when `parallel`.
+void elementwise(float* w, const float* g, float* r, int64_t n, bool has_qh, float qh, bool fma, bool parallel) {
+  auto body = [&](int64_t begin, int64_t end) {
+    float* rb = r ? r + begin : nullptr;
+    if (!has_qh)
+      accumulate(rb, g + begin, end - begin);
+    else if (fma)
+      add_fused(w + begin, g + begin, rb, end - begin, qh);
+    else
+      add_unfused(w + begin, g + begin, rb, end - begin, qh);
+  };
+  if (parallel)
+    at::parallel_for(0, n, at::internal::GRAIN_SIZE, body);
+  else
+    body(0, n);
+}
+
+void check_matrix(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+              "lordo lowrank_cpu: ", what, " must be a contiguous float32 CPU tensor");
+}
+
+}  // namespace
+
+// Per matrix j: out[j] = Q[j]^T G_j for the oriented G_j (stored transposed when `transposed`), and the norm of
+// G_j, taken block by block of `rows` stored rows (the norm reads each block again from cache).
+torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<torch::Tensor> grads,
+                               bool transposed, int64_t rows) {
+  std::vector<torch::Tensor> norms;
+  norms.reserve(grads.size());
+  for (size_t j = 0; j < grads.size(); ++j) {
+    const torch::Tensor G = grads[j].detach(), q = Q[j], o = out[j];
+    check_matrix(G, "a gradient");
+    std::vector<torch::Tensor> parts;
+    int64_t k = 0;
+    for (int64_t r0 = 0; r0 < G.size(0); r0 += rows, ++k) {
+      const int64_t m = std::min(rows, G.size(0) - r0);
+      const torch::Tensor g = G.narrow(0, r0, m);
+      if (transposed) {   // a block of G's stored rows gives the same rows of (Q^T G)^T
+        torch::Tensor o_rows = o.mT().narrow(0, r0, m);
+        at::mm_out(o_rows, g, q);
+      } else {            // a block's share of the sum over Q's rows (beta 0 first: out's old values ignored)
+        o.addmm_(q.narrow(0, r0, m).mT(), g, k ? 1.0 : 0.0, 1.0);
+      }
+      parts.push_back(at::linalg_vector_norm(g));
+    }
+    norms.push_back(at::linalg_vector_norm(at::stack(parts)));
+  }
+  return at::stack(norms);
+}
+
+// Per matrix j, W_j, G_j and R_j as stored: R_j += G_j (when `ef` is given), W_j <- decay W_j - lr Q_j N_j, then
+// W_j += qh_j G_j (when `qh` is given), block by block of `rows` stored rows.
+void apply_lowrank(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> grads,
+                   std::vector<torch::Tensor> ef, torch::Tensor Q, torch::Tensor N, bool transposed, double lr,
+                   double decay, std::vector<double> qh, int64_t rows, bool fma) {
+  const bool parallel = at::get_num_threads() > 1;
+  for (size_t j = 0; j < weights.size(); ++j) {
+    const torch::Tensor W = weights[j].detach(), G = grads[j].detach();
+    check_matrix(W, "a weight");
+    check_matrix(G, "a gradient");
+    float* r = nullptr;
+    if (!ef.empty()) {
+      check_matrix(ef[j], "an error-feedback buffer");
+      r = ef[j].data_ptr<float>();
+    }
+    // rows of Q N for a block of W's stored rows: Q's rows; for W stored as (Q N)^T = N^T Q^T, N^T's rows
+    const torch::Tensor A = transposed ? N[j].mT() : Q[j], B = transposed ? Q[j].mT() : N[j];
+    const int64_t cols = W.size(1);
+    for (int64_t r0 = 0; r0 < W.size(0); r0 += rows) {
+      const int64_t m = std::min(rows, W.size(0) - r0), offset = r0 * cols;
+      const float* g = G.data_ptr<float>() + offset;
+      W.narrow(0, r0, m).addmm_(A.narrow(0, r0, m), B, decay, -lr);
+      if (r || !qh.empty())
+        elementwise(W.data_ptr<float>() + offset, g, r ? r + offset : nullptr, m * cols, !qh.empty(),
+                    qh.empty() ? 0.f : (float)qh[j], fma, parallel);
+    }
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("project_and_norm", &project_and_norm, "Q^T G and ||G|| per matrix of a bucket",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("apply_lowrank", &apply_lowrank, "R += G; W <- decay W - lr Q N + qh G per matrix of a bucket",
+        py::call_guard<py::gil_scoped_release>());
+}

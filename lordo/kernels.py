@@ -1,0 +1,56 @@
+"""Compiled CPU kernels for the low-rank step (lordo/csrc/lowrank_cpu.cpp), built on first use.
+
+    from lordo.kernels import lowrank_cpu
+    ext = lowrank_cpu()          # the module, or None when it cannot be built here (`build_error()` says why)
+
+`torch.utils.cpp_extension.load` compiles the source with the C++ compiler and ninja once per machine and
+source version (about 30 s) into its cache (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions); later
+imports load the cached library. The kernels give the same bits as the optimizer's eager path
+(tests/test_kernels.py), so whether they are used changes speed only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).with_name("csrc") / "lowrank_cpu.cpp"
+_lock = threading.Lock()
+_built: dict[str, ModuleType | None] = {}
+_error: list[str] = []
+
+
+def _ninja_on_path() -> None:
+    """`cpp_extension` runs `ninja` from PATH; the venv's own (the `ninja` wheel) is not on it unless the venv
+    is activated."""
+    venv_bin = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and os.path.exists(os.path.join(venv_bin, "ninja")):
+        os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+
+
+def lowrank_cpu() -> ModuleType | None:
+    """The compiled kernels, or None (with one warning) when they cannot be built."""
+    with _lock:
+        if "lowrank_cpu" not in _built:
+            try:
+                _ninja_on_path()
+                from torch.utils.cpp_extension import load
+                _built["lowrank_cpu"] = load("lordo_lowrank_cpu", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                                             extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:   # no compiler, no ninja, no Python headers: the eager path instead
+                _built["lowrank_cpu"] = None
+                _error.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
+                warnings.warn(f"lordo: the CPU kernels could not be built ({_error[-1]}); the low-rank step runs "
+                              "its eager PyTorch path (same results, slower). LoRDO(..., fused=False) skips "
+                              "the build", stacklevel=3)
+        return _built["lowrank_cpu"]
+
+
+def build_error() -> str | None:
+    """Why `lowrank_cpu()` returned None, if it did."""
+    return _error[-1] if _error else None
