@@ -44,10 +44,10 @@ def test_command_line_help_works():
 def test_pyproject_declares_torch_and_the_reproduction_extra():
     import tomllib
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    assert project["dependencies"] == ["torch>=2.6"]
+    assert project["dependencies"] == ["torch>=2.6", "ninja"]
     declared = {r.split(">")[0].split("=")[0] for r in project["optional-dependencies"]["repro"]}
     pinned = {r.split("==")[0] for r in pins((REPO / "requirements.txt").read_text().splitlines())}
-    assert pinned - declared == {"torch", "pytest", "ruff", "nbmake"}     # the rest: test and lint tools
+    assert pinned - declared == {"torch", "ninja", "pytest", "ruff", "nbmake"}   # the rest: test and lint tools
 
 
 @pytest.mark.integration
