@@ -3,7 +3,8 @@
     python benchmarks/trainer_throughput.py [--preset tiny] [--steps 60] [--batch-size 8] [--seq-len 128]
 
 Baseline: the same GPT, the same batches (lordo.data.Batches), torch.optim.AdamW (foreach), a bare
-forward/backward/step loop. Then `lordo.train` for ddp and lordo with 1 and 4 simulated workers
+forward/backward/step loop, run before and after the trainer's runs; "vs plain" is against the mean of
+the two. Then `lordo.train` for ddp and lordo with 1 and 4 simulated workers
 (the trainer's own tokens/s, which excludes evaluation). Targets (issue): the trainer at >= 0.9x
 the plain loop; 4 simulated workers at >= 0.9x one worker's tokens/s. With --bf16 both sides use
 bf16 autocast; on a GPU (--device cuda) add --mfu to print model FLOPs utilization.
@@ -79,12 +80,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, device {device}, "
           f"preset {args.preset}, {args.steps} steps of {args.batch_size}x{args.seq_len} tokens "
           f"per worker{', bf16' if args.bf16 else ''}")
-    base = plain_loop(args, data, device)
-    rows = [("plain loop, AdamW", 1, base)]
+    # The plain loop runs before and after the trainer's runs and the ratios use the mean of the two, so that
+    # a shared machine's drift over the minutes between them shows (both are printed) instead of biasing one side.
+    before = plain_loop(args, data, device)
+    rows = [("plain loop, before", 1, before)]
     with tempfile.TemporaryDirectory() as root:
         for method in ("ddp", "lordo"):
             for workers in (1, 4):
                 rows.append((f"lordo.train {method}", workers, trainer(args, method, workers, root)))
+    after = plain_loop(args, data, device)
+    rows.insert(1, ("plain loop, after", 1, after))
+    base = (before + after) / 2
     one = {name: tps for name, workers, tps in rows if workers == 1}
     print(f"\n{'':<22}{'workers':>8}{'tokens/s':>11}{'vs plain':>10}{'vs 1 worker':>13}")
     for name, workers, tps in rows:
