@@ -416,6 +416,9 @@ class LoRDO(torch.optim.Optimizer):
     low-rank matrices. `finish()` ends a distributed run on the averaged model. `model`: the module
     the parameters belong to, for the rule and, distributed, to broadcast rank 0's parameters before
     its first forward (without it: at the first step, after the first gradients).
+    `fused`: None (default) runs the low-rank step's full-size work in the compiled CPU kernels
+    (`lordo.kernels`) where they apply (float32 on CPU, same results as the eager path), warning once and
+    running eagerly if they cannot be built; True requires them; False never builds them.
 
     Distributed, the first step checks that the workers' gradients differ: equal ones mean that
     something (DDP) already averaged them, which is refused. Set `refuse_averaged_gradients = False`
