@@ -1,6 +1,6 @@
 // The full-size part of LoRDO's low-rank step on CPU, for float32 matrices: the same ATen products and norms
-// as lordo/optim.py's `_project_and_norm` and `_apply_lowrank_`, in the same order and the same blocks of rows,
-// so the results are bit-identical to them; what changes is that the error-feedback sum R += G and the QH term
+// as lordo/optim.py's `_project_and_norm` and `_apply_lowrank_`, on the same blocks of rows and with the same
+// roundings, so the results are bit-identical to them; what changes is that the error-feedback sum R += G and the QH term
 // W += qh G are one loop over each block (one pass instead of two), and that a bucket's matrices are visited
 // from C++ (about 1,500 fewer Python-level operations a step). Built on first use by lordo/kernels.py.
 #include <torch/extension.h>
@@ -104,8 +104,9 @@ torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<t
   return at::stack(norms);
 }
 
-// Per matrix j, W_j, G_j and R_j as stored: R_j += G_j (when `ef` is given), W_j <- decay W_j - lr Q_j N_j, then
-// W_j += qh_j G_j (when `qh` is given), block by block of `rows` stored rows.
+// Per matrix j, W_j, G_j and R_j as stored, block by block of `rows` stored rows: W_j <- decay W_j - lr Q_j N_j,
+// then in one loop R_j += G_j (when `ef` is given; exact, so its place in the order does not matter) and
+// W_j += qh_j G_j (when `qh` is given).
 void apply_lowrank(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> grads,
                    std::vector<torch::Tensor> ef, torch::Tensor Q, torch::Tensor N, bool transposed, double lr,
                    double decay, std::vector<double> qh, int64_t rows, bool fma) {
