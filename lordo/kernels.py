@@ -19,7 +19,12 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 SOURCE = Path(__file__).with_name("csrc") / "lowrank_cpu.cpp"
+# Whether ATen's element-wise CPU kernels fuse a multiply-add (its vector kernels do, its scalar fallback does
+# not): `apply_lowrank` is told, so that it rounds W + G qh as the eager path's addcmul_ does.
+FUSED_MULTIPLY_ADD = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 _lock = threading.Lock()
 _built: dict[str, ModuleType | None] = {}
 _error: list[str] = []

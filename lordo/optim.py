@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lordo.comm import disable_ddp_allreduce
-from lordo.kernels import build_error, lowrank_cpu
+from lordo.kernels import FUSED_MULTIPLY_ADD, build_error, lowrank_cpu
 from lordo.projection import (
     PROJ_METHODS,
     basis_similarity,
@@ -188,9 +188,6 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
 # the next. Threaded, each operation costs a fork and join of the threads, which on a loaded machine cost more
 # than the blocks save (benchmarks/README.md); there, and on a GPU, each pass is taken whole.
 CPU_BLOCK = 1 << 17
-# Whether ATen's element-wise CPU kernels fuse a multiply-add (its vector kernels do): the compiled kernels round
-# W + G qh the same way.
-FUSED_MULTIPLY_ADD = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 
 
 def _block_rows(X: torch.Tensor) -> int:
@@ -833,10 +830,10 @@ class LoRDO(torch.optim.Optimizer):
         for b in self.buckets:
             if b.Q is None or b.fresh or b.work.device.type != "cpu" or not lazy and b.ef is not None:
                 continue
-            own = [grads[i] for i in b.indices]
-            if self._compiled(b, own):
-                for i, n in zip(b.indices, self._kernels.project_and_norm(b.work, b.Q, own, b.transposed[0],
-                                                                          _block_rows(own[0])).unbind(0)):
+            bucket_grads = [grads[i] for i in b.indices]
+            if self._compiled(b, bucket_grads):
+                for i, n in zip(b.indices, self._kernels.project_and_norm(
+                        b.work, b.Q, bucket_grads, b.transposed[0], _block_rows(bucket_grads[0])).unbind(0)):
                     norms[i] = n
             else:
                 for j, i in enumerate(b.indices):
