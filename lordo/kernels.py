@@ -5,8 +5,9 @@
 
 `torch.utils.cpp_extension.load` compiles the source with the C++ compiler and ninja once per machine and
 source version (about 30 s) into its cache (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions); later
-imports load the cached library. The kernels give the same bits as the optimizer's eager path
-(tests/test_kernels.py), so whether they are used changes speed only.
+imports load the cached library. The kernels' results are the optimizer's eager path's with one intra-op
+thread, bit for bit, and do not depend on the thread count: with several, each thread takes whole matrices
+through the one-thread code, its BLAS products on one thread (tests/test_kernels.py).
 """
 
 from __future__ import annotations

@@ -30,7 +30,9 @@ its operations, so from memory G is read twice and R and W once each read and wr
 passes, against 7 for fused AdamW (one pass after another, as before, made 10, 12 with weight decay).
 On a CPU in float32 both visits run in compiled kernels (`lordo.kernels`, built on first use; `fused=False`
 keeps the eager path, `fused=True` insists on the kernels): the same ATen products and norms in the same
-blocks, so the same bits, with R += G and the QH term in one loop and no Python per block.
+blocks, so the one-thread eager path's bits, with R += G and the QH term in one loop and no Python per
+block; with several threads each takes whole matrices through the one-thread code, so their results do
+not depend on the thread count.
 
 Memory options. `state_dtype="bfloat16"` stores every moment (low-rank and AdamW) and the error
 feedback in bfloat16: the arithmetic stays in the parameters' precision (float32 or wider) and only
@@ -186,14 +188,20 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
 # one intra-op thread (lordo's workers, a shared machine) the passes over a matrix go block by block of rows
 # (`CPU_BLOCK` entries), so that a block of G, W and R read by one operation is still in the core's cache for
 # the next. Threaded, each operation costs a fork and join of the threads, which on a loaded machine cost more
-# than the blocks save (benchmarks/README.md); there, and on a GPU, each pass is taken whole.
+# than the blocks save (benchmarks/README.md); there, and on a GPU, each pass is taken whole. (The compiled
+# kernels instead give each thread whole matrices, which it visits by blocks as one thread does.)
 CPU_BLOCK = 1 << 17
+
+
+def _cpu_block_rows(X: torch.Tensor) -> int:
+    """The rows of X in a block of `CPU_BLOCK` entries."""
+    return max(1, CPU_BLOCK // X.shape[-1])
 
 
 def _block_rows(X: torch.Tensor) -> int:
     if X.device.type != "cpu" or torch.get_num_threads() > 1:
         return X.shape[0]
-    return max(1, CPU_BLOCK // X.shape[-1])
+    return _cpu_block_rows(X)
 
 
 def _project(out: torch.Tensor, Q: torch.Tensor, X: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -414,8 +422,9 @@ class LoRDO(torch.optim.Optimizer):
     the parameters belong to, for the rule and, distributed, to broadcast rank 0's parameters before
     its first forward (without it: at the first step, after the first gradients).
     `fused`: None (default) runs the low-rank step's full-size work in the compiled CPU kernels
-    (`lordo.kernels`) where they apply (float32 on CPU, same results as the eager path), warning once and
-    running eagerly if they cannot be built; True requires them; False never builds them.
+    (`lordo.kernels`) where they apply (float32 on CPU; the eager path's one-thread results at any thread
+    count), warning once and running eagerly if they cannot be built; True requires them; False never
+    builds them.
 
     Distributed, the first step checks that the workers' gradients differ: equal ones mean that
     something (DDP) already averaged them, which is refused. Set `refuse_averaged_gradients = False`
@@ -833,7 +842,7 @@ class LoRDO(torch.optim.Optimizer):
             bucket_grads = [grads[i] for i in b.indices]
             if self._compiled(b, bucket_grads):
                 for i, n in zip(b.indices, self._kernels.project_and_norm(
-                        b.work, b.Q, bucket_grads, b.transposed[0], _block_rows(bucket_grads[0])).unbind(0)):
+                        b.work, b.Q, bucket_grads, b.transposed[0], _cpu_block_rows(bucket_grads[0])).unbind(0)):
                     norms[i] = n
             else:
                 for j, i in enumerate(b.indices):
@@ -941,14 +950,14 @@ class LoRDO(torch.optim.Optimizer):
         if self._compiled(b, grads):
             self._kernels.apply_lowrank([self.params[i] for i in b.indices], grads, ef if pending else [], b.Q, N,
                                         b.transposed[0], lr, decay, [] if qh is None else qh.tolist(),
-                                        _block_rows(grads[0]), FUSED_MULTIPLY_ADD)
+                                        _cpu_block_rows(grads[0]), FUSED_MULTIPLY_ADD)
             return
         for j, i in enumerate(b.indices):
             _apply_lowrank_(self.params[i], grads[j], b.Q[j], N[j], b.transposed[j], lr=lr, decay=decay,
                             qh=None if qh is None else qh[j], ef=ef[j] if pending else None)
 
     def _compiled(self, b: _Bucket, grads: list[torch.Tensor]) -> bool:
-        """Whether this step of bucket b runs the compiled CPU kernels (their results are the eager path's)."""
+        """Whether this step of bucket b runs the compiled CPU kernels (their results: the one-thread eager path's)."""
         return (b.compiled and self._kernels is not None and all(g.is_contiguous() for g in grads)
                 and all(self.params[i].is_contiguous() for i in b.indices))
 

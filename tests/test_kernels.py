@@ -1,10 +1,14 @@
-"""The compiled CPU kernels (lordo/csrc/lowrank_cpu.cpp) give the eager step's results bit for bit.
+"""The compiled CPU kernels (lordo/csrc/lowrank_cpu.cpp) give the one-thread eager step's results bit for bit,
+whatever the number of intra-op threads (each thread takes whole matrices through the one-thread code).
 
 The eager path is checked against the float64 reference (test_optim_reference.py); the kernels take float32
 CPU matrices only, so here they are checked against the eager path on the same float32 runs: every
-parameter and every piece of state equal, with one and two intra-op threads, whole matrices and several
-blocks of rows, and with the branches of the step the kernels touch (lazy error feedback, the QH term and
-its update_rms scale, weight decay, the clip biting) or leave to the eager path (a fresh projection, bf16 state).
+parameter and every piece of state equal, the kernels with one and two intra-op threads against the eager
+path with one, whole matrices and several blocks of rows, and with the branches of the step the kernels
+touch (lazy error feedback, the QH term and its update_rms scale, weight decay, the clip biting) or leave to
+the eager path (a fresh projection, bf16 state). The whole-step runs use small matrices, on which the step's
+other operations (the low-rank moments, the projection's QR) round alike at one and two threads; the kernels
+alone are checked at two threads on shapes where a threaded product would round differently.
 """
 
 import pytest
@@ -78,13 +82,14 @@ CASES = [("lordo", {}), ("lordo", {"omega": 1.0}), ("lordo", {"error_feedback": 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block", [None, 64], ids=["whole", "blocks"])
 @pytest.mark.parametrize("method,hp", CASES, ids=[f"{m}-{hp}" for m, hp in CASES])
-def test_compiled_step_is_the_eager_step_bit_for_bit(method, hp, block, threads, monkeypatch):
+def test_compiled_step_is_the_one_thread_eager_step_bit_for_bit(method, hp, block, threads, monkeypatch):
     if lordo.kernels.lowrank_cpu() is None:
         pytest.fail(f"the CPU kernels did not build: {lordo.kernels.build_error()}")
     if block is not None:
         monkeypatch.setattr(lordo.optim, "CPU_BLOCK", block)   # 64 entries: rows of 1 to 2 per block
     with cpu_threads(threads):
         compiled, compiled_state, calls = train(method, hp, None, monkeypatch)
+    with cpu_threads(1):
         eager, eager_state, eager_calls = train(method, hp, False, monkeypatch)
     assert calls >= STEPS and eager_calls == 0
     assert (compiled["w_in"] - init_params()["w_in"]).abs().max() > 1e-2   # the run really trains
@@ -134,3 +139,28 @@ def test_a_failed_build_falls_back_to_the_eager_step(monkeypatch):
     strict = make_optimizer("lordo", [{"params": list(params.values()), "param_names": list(params)}], fused=True)
     with pytest.raises(RuntimeError, match="fused=True, but the CPU kernels could not be built: RuntimeError: Ninja"):
         strict.step()
+
+
+@pytest.mark.parametrize("matrices", [1, 3])
+@pytest.mark.parametrize("transposed", [False, True], ids=["p<q", "stored-transposed"])
+def test_kernels_give_the_one_thread_bits_at_two_threads(matrices, transposed):
+    """Shapes where a threaded BLAS product rounds differently from a one-thread one (85-row blocks of 1536
+    columns): each matrix still goes through one-thread products, alone in its bucket or beside others."""
+    ext = lordo.kernels.lowrank_cpu()
+    rows, cols, rank = 512, 1536, 32                      # as stored
+    side, other = (cols, rows) if transposed else (rows, cols)   # the oriented matrix's p and q
+
+    def run(threads):
+        g = torch.Generator().manual_seed(1)
+        W, G, R = ([torch.randn(rows, cols, generator=g) for _ in range(matrices)] for _ in range(3))
+        Q, N = torch.randn(matrices, side, rank, generator=g), torch.randn(matrices, rank, other, generator=g)
+        out = torch.empty(matrices, rank, other)
+        block = lordo.optim._cpu_block_rows(W[0])
+        with cpu_threads(threads):
+            norms = ext.project_and_norm(out, Q, G, transposed, block)
+            ext.apply_lowrank(W, G, R, Q, N, transposed, 1e-3, 0.999, [0.1] * matrices, block,
+                              lordo.kernels.FUSED_MULTIPLY_ADD)
+        return [out, norms, *W, *R]
+
+    one, two = run(1), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))

@@ -1,8 +1,9 @@
 // The full-size part of LoRDO's low-rank step on CPU, for float32 matrices: the same ATen products and norms
-// as lordo/optim.py's `_project_and_norm` and `_apply_lowrank_`, on the same blocks of rows and with the same
-// roundings, so the results are bit-identical to them; what changes is that the error-feedback sum R += G and the QH term
-// W += qh G are one loop over each block (one pass instead of two), and that a bucket's matrices are visited
-// from C++ (about 1,500 fewer Python-level operations a step). Built on first use by lordo/kernels.py.
+// as lordo/optim.py's `_project_and_norm` and `_apply_lowrank_` with one thread, on the same blocks of rows and
+// with the same roundings, so the results are bit-identical to them. What changes: the error-feedback sum R += G
+// and the QH term W += qh G are one loop over each block (one pass instead of two), a bucket's matrices are
+// visited from C++ (about 1,500 fewer Python-level operations a step), and with several threads each thread
+// takes whole matrices (the one-thread bits at any thread count). Built on first use by lordo/kernels.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -52,22 +53,41 @@ void accumulate(float* __restrict r, const float* __restrict g, int64_t n) {
   for (int64_t i = 0; i < n; ++i) r[i] += g[i];
 }
 
-// The element-wise part of a block: R += G (when r), then W += G * qh (when has_qh); split between the intra-op
-// threads when `parallel`.
-void elementwise(float* w, const float* g, float* r, int64_t n, bool has_qh, float qh, bool fma, bool parallel) {
-  auto body = [&](int64_t begin, int64_t end) {
-    float* rb = r ? r + begin : nullptr;
-    if (!has_qh)
-      accumulate(rb, g + begin, end - begin);
-    else if (fma)
-      add_fused(w + begin, g + begin, rb, end - begin, qh);
-    else
-      add_unfused(w + begin, g + begin, rb, end - begin, qh);
-  };
-  if (parallel)
-    at::parallel_for(0, n, at::internal::GRAIN_SIZE, body);
+// The element-wise part of a block: R += G (when r), then W += G * qh (when has_qh).
+void elementwise(float* w, const float* g, float* r, int64_t n, bool has_qh, float qh, bool fma) {
+  if (!has_qh)
+    accumulate(r, g, n);
+  else if (fma)
+    add_fused(w, g, r, n, qh);
   else
-    body(0, n);
+    add_unfused(w, g, r, n, qh);
+}
+
+// oneMKL's per-thread thread count, declared weak so that the kernels also load with a torch built without MKL.
+// torch turns MKL's dynamic adjustment off, so a product called from a thread of a parallel region would start
+// threads of its own (and round as a threaded product does).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// BLAS on one thread for this object's lifetime (when torch's BLAS is MKL).
+struct SerialBlas {
+  int previous = 0;
+  SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// each(j) for the n matrices of a bucket: with several intra-op threads, whole matrices side by side, each on
+// one thread. Every matrix goes through the one-thread code (BLAS on one thread, ATen serial inside a parallel
+// region), so the results are the one-thread results whatever the thread count.
+template <typename F>
+void for_each_matrix(int64_t n, const F& each) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    SerialBlas serial;
+    for (int64_t j = begin; j < end; ++j) each(j);
+  });
 }
 
 void check_matrix(const torch::Tensor& t, const char* what) {
@@ -81,11 +101,10 @@ void check_matrix(const torch::Tensor& t, const char* what) {
 // G_j, taken block by block of `rows` stored rows (the norm reads each block again from cache).
 torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<torch::Tensor> grads,
                                bool transposed, int64_t rows) {
-  std::vector<torch::Tensor> norms;
-  norms.reserve(grads.size());
-  for (size_t j = 0; j < grads.size(); ++j) {
+  for (const auto& G : grads) check_matrix(G, "a gradient");
+  std::vector<torch::Tensor> norms(grads.size());
+  for_each_matrix(grads.size(), [&](int64_t j) {
     const torch::Tensor G = grads[j].detach(), q = Q[j], o = out[j];
-    check_matrix(G, "a gradient");
     std::vector<torch::Tensor> parts;
     int64_t k = 0;
     for (int64_t r0 = 0; r0 < G.size(0); r0 += rows, ++k) {
@@ -99,8 +118,8 @@ torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<t
       }
       parts.push_back(at::linalg_vector_norm(g));
     }
-    norms.push_back(at::linalg_vector_norm(at::stack(parts)));
-  }
+    norms[j] = at::linalg_vector_norm(at::stack(parts));
+  });
   return at::stack(norms);
 }
 
@@ -110,28 +129,25 @@ torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<t
 void apply_lowrank(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> grads,
                    std::vector<torch::Tensor> ef, torch::Tensor Q, torch::Tensor N, bool transposed, double lr,
                    double decay, std::vector<double> qh, int64_t rows, bool fma) {
-  const bool parallel = at::get_num_threads() > 1;
   for (size_t j = 0; j < weights.size(); ++j) {
+    check_matrix(weights[j], "a weight");
+    check_matrix(grads[j], "a gradient");
+    if (!ef.empty()) check_matrix(ef[j], "an error-feedback buffer");
+  }
+  for_each_matrix(weights.size(), [&](int64_t j) {
     const torch::Tensor W = weights[j].detach(), G = grads[j].detach();
-    check_matrix(W, "a weight");
-    check_matrix(G, "a gradient");
-    float* r = nullptr;
-    if (!ef.empty()) {
-      check_matrix(ef[j], "an error-feedback buffer");
-      r = ef[j].data_ptr<float>();
-    }
+    float* r = ef.empty() ? nullptr : ef[j].data_ptr<float>();
     // rows of Q N for a block of W's stored rows: Q's rows; for W stored as (Q N)^T = N^T Q^T, N^T's rows
     const torch::Tensor A = transposed ? N[j].mT() : Q[j], B = transposed ? Q[j].mT() : N[j];
     const int64_t cols = W.size(1);
     for (int64_t r0 = 0; r0 < W.size(0); r0 += rows) {
       const int64_t m = std::min(rows, W.size(0) - r0), offset = r0 * cols;
-      const float* g = G.data_ptr<float>() + offset;
       W.narrow(0, r0, m).addmm_(A.narrow(0, r0, m), B, decay, -lr);
       if (r || !qh.empty())
-        elementwise(W.data_ptr<float>() + offset, g, r ? r + offset : nullptr, m * cols, !qh.empty(),
-                    qh.empty() ? 0.f : (float)qh[j], fma, parallel);
+        elementwise(W.data_ptr<float>() + offset, G.data_ptr<float>() + offset, r ? r + offset : nullptr,
+                    m * cols, !qh.empty(), qh.empty() ? 0.f : (float)qh[j], fma);
     }
-  }
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
