@@ -19,6 +19,7 @@ import time
 import torch
 
 import lordo
+import lordo.kernels
 from lordo.data import Batches, prepare
 from lordo.model import GPT, model_config
 
@@ -76,6 +77,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     data = prepare("shakespeare")
+    if device.type == "cpu":   # load (or build, once per machine and source: about 30 s) the kernels untimed
+        lordo.kernels.lowrank_cpu()
     cpu = platform.processor() or platform.machine()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}, device {device}, "
           f"preset {args.preset}, {args.steps} steps of {args.batch_size}x{args.seq_len} tokens "

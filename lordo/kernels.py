@@ -3,15 +3,17 @@
     from lordo.kernels import lowrank_cpu
     ext = lowrank_cpu()          # the module, or None when it cannot be built here (`build_error()` says why)
 
-`torch.utils.cpp_extension.load` compiles the source with the C++ compiler and ninja once per machine and
-source version (about 30 s) into its cache (`TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions); later
-imports load the cached library. The kernels' results are the optimizer's eager path's with one intra-op
-thread, bit for bit, and do not depend on the thread count: with several, each thread takes whole matrices
-through the one-thread code, its BLAS products on one thread (tests/test_kernels.py).
+`torch.utils.cpp_extension.load` compiles the source with the C++ compiler and ninja once per machine,
+checkout and source version (about 30 s) into its cache (`TORCH_EXTENSIONS_DIR`, else
+~/.cache/torch_extensions); later imports load the cached library. The kernels' results are the optimizer's
+eager path's with one intra-op thread, bit for bit, and do not depend on the thread count: with several,
+each thread takes whole matrices through the one-thread code, its BLAS products on one thread
+(tests/test_kernels.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -23,6 +25,9 @@ from types import ModuleType
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "lowrank_cpu.cpp"
+# One build per checkout: torch keeps a build under its name, and ninja rebuilds it whenever the source's path
+# changes, so two checkouts sharing the cache under one name would rebuild each other's on every switch.
+NAME = "lordo_lowrank_cpu_" + hashlib.sha256(str(SOURCE.resolve()).encode()).hexdigest()[:10]
 # Whether ATen's element-wise CPU kernels fuse a multiply-add (its vector kernels do, its scalar fallback does
 # not): `apply_lowrank` is told, so that it rounds W + G qh as the eager path's addcmul_ does.
 FUSED_MULTIPLY_ADD = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
@@ -46,7 +51,7 @@ def lowrank_cpu() -> ModuleType | None:
             try:
                 _ninja_on_path()
                 from torch.utils.cpp_extension import load
-                _built["lowrank_cpu"] = load("lordo_lowrank_cpu", [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
+                _built["lowrank_cpu"] = load(NAME, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
                                              extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:   # no compiler, no ninja, no Python headers: the eager path instead
                 _built["lowrank_cpu"] = None
