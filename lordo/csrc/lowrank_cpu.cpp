@@ -3,7 +3,8 @@
 // with the same roundings, so the results are bit-identical to them. What changes: the error-feedback sum R += G
 // and the QH term W += qh G are one loop over each block (one pass instead of two), a bucket's matrices are
 // visited from C++ (about 1,500 fewer Python-level operations a step), and with several threads each thread
-// takes whole matrices (the one-thread bits at any thread count). Built on first use by lordo/kernels.py.
+// takes whole matrices, or runs of blocks when a bucket has fewer matrices than threads (the one-thread bits at
+// any thread count). Built on first use by lordo/kernels.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -79,14 +80,14 @@ struct SerialBlas {
   }
 };
 
-// each(j) for the n matrices of a bucket: with several intra-op threads, whole matrices side by side, each on
-// one thread. Every matrix goes through the one-thread code (BLAS on one thread, ATen serial inside a parallel
-// region), so the results are the one-thread results whatever the thread count.
+// each(i) for i in [0, n), with several intra-op threads side by side, each i on one thread with its BLAS
+// products on one thread (ATen runs serially inside a parallel region): every item goes through the one-thread
+// code, so the results are the one-thread results whatever the thread count.
 template <typename F>
-void for_each_matrix(int64_t n, const F& each) {
+void for_each(int64_t n, const F& each) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     SerialBlas serial;
-    for (int64_t j = begin; j < end; ++j) each(j);
+    for (int64_t i = begin; i < end; ++i) each(i);
   });
 }
 
@@ -103,7 +104,7 @@ torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<t
                                bool transposed, int64_t rows) {
   for (const auto& G : grads) check_matrix(G, "a gradient");
   std::vector<torch::Tensor> norms(grads.size());
-  for_each_matrix(grads.size(), [&](int64_t j) {
+  for_each(grads.size(), [&](int64_t j) {
     const torch::Tensor G = grads[j].detach(), q = Q[j], o = out[j];
     std::vector<torch::Tensor> parts;
     int64_t k = 0;
@@ -125,23 +126,29 @@ torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<t
 
 // Per matrix j, W_j, G_j and R_j as stored, block by block of `rows` stored rows: W_j <- decay W_j - lr Q_j N_j,
 // then in one loop R_j += G_j (when `ef` is given; exact, so its place in the order does not matter) and
-// W_j += qh_j G_j (when `qh` is given).
+// W_j += qh_j G_j (when `qh` is given). The blocks are independent: threads take whole matrices, or with
+// fewer matrices than threads, runs of a matrix's blocks.
 void apply_lowrank(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> grads,
                    std::vector<torch::Tensor> ef, torch::Tensor Q, torch::Tensor N, bool transposed, double lr,
                    double decay, std::vector<double> qh, int64_t rows, bool fma) {
-  for (size_t j = 0; j < weights.size(); ++j) {
+  const int64_t n = weights.size();
+  for (int64_t j = 0; j < n; ++j) {
     check_matrix(weights[j], "a weight");
     check_matrix(grads[j], "a gradient");
     if (!ef.empty()) check_matrix(ef[j], "an error-feedback buffer");
+    TORCH_CHECK(weights[j].sizes() == weights[0].sizes(), "lordo lowrank_cpu: a bucket's matrices share a shape");
   }
-  for_each_matrix(weights.size(), [&](int64_t j) {
+  if (n == 0) return;
+  const int64_t blocks = (weights[0].size(0) + rows - 1) / rows, cols = weights[0].size(1);
+  const int64_t parts = std::min(blocks, (at::get_num_threads() + n - 1) / n), per_part = (blocks + parts - 1) / parts;
+  for_each(n * parts, [&](int64_t item) {
+    const int64_t j = item / parts, first = item % parts * per_part, last = std::min(blocks, first + per_part);
     const torch::Tensor W = weights[j].detach(), G = grads[j].detach();
     float* r = ef.empty() ? nullptr : ef[j].data_ptr<float>();
     // rows of Q N for a block of W's stored rows: Q's rows; for W stored as (Q N)^T = N^T Q^T, N^T's rows
     const torch::Tensor A = transposed ? N[j].mT() : Q[j], B = transposed ? Q[j].mT() : N[j];
-    const int64_t cols = W.size(1);
-    for (int64_t r0 = 0; r0 < W.size(0); r0 += rows) {
-      const int64_t m = std::min(rows, W.size(0) - r0), offset = r0 * cols;
+    for (int64_t k = first; k < last; ++k) {
+      const int64_t r0 = k * rows, m = std::min(rows, W.size(0) - r0), offset = r0 * cols;
       W.narrow(0, r0, m).addmm_(A.narrow(0, r0, m), B, decay, -lr);
       if (r || !qh.empty())
         elementwise(W.data_ptr<float>() + offset, G.data_ptr<float>() + offset, r ? r + offset : nullptr,
