@@ -7,8 +7,8 @@
 checkout and source version (about 30 s) into its cache (`TORCH_EXTENSIONS_DIR`, else
 ~/.cache/torch_extensions); later imports load the cached library. The kernels' results are the optimizer's
 eager path's with one intra-op thread, bit for bit, and do not depend on the thread count: with several,
-each thread takes whole matrices through the one-thread code, its BLAS products on one thread
-(tests/test_kernels.py).
+each thread takes whole matrices (in `apply_lowrank`, runs of a matrix's blocks when a bucket has fewer
+matrices than threads) through the one-thread code, its BLAS products on one thread (tests/test_kernels.py).
 """
 
 from __future__ import annotations
