@@ -8,7 +8,7 @@ Llama-style decoder (`SHAPES`) and random gradients, so only the optimizer is ti
 
 1. Local step (no sync): `lordo` with its defaults (omega 0.7, error feedback, clip 1.0; on CPU in float32
    the compiled kernels of `lordo.kernels`), with `state_dtype="bfloat16"`, and on CPU with `fused=False`
-   (the eager PyTorch path, same results), against `torch.optim.AdamW` (foreach and fused) and GaLore's
+   (the eager PyTorch path, the same math), against `torch.optim.AdamW` (foreach and fused) and GaLore's
    `GaLoreAdamW` at the same rank. GaLore's
    steady step reuses its projection; its refresh step (an SVD of every matrix, every 200 steps)
    is timed separately and amortized: (199 steady + 1 refresh) / 200.

@@ -4,11 +4,12 @@
     ext = lowrank_cpu()          # the module, or None when it cannot be built here (`build_error()` says why)
 
 `torch.utils.cpp_extension.load` compiles the source with the C++ compiler and ninja once per machine,
-checkout and source version (about 30 s) into its cache (`TORCH_EXTENSIONS_DIR`, else
-~/.cache/torch_extensions); later imports load the cached library. The kernels' results are the optimizer's
-eager path's with one intra-op thread, bit for bit, and do not depend on the thread count: with several,
-each thread takes whole matrices (in `apply_lowrank`, runs of a matrix's blocks when a bucket has fewer
-matrices than threads) through the one-thread code, its BLAS products on one thread (tests/test_kernels.py).
+checkout and source version (about 40 s) into its cache (`TORCH_EXTENSIONS_DIR`, else
+~/.cache/torch_extensions); later imports load the cached library. The kernels compute each rank-r product in
+registers during their one pass over the full-size tensors, with AVX-512 or AVX2 where the CPU has them
+(`ext.isas()`, `ext.set_isa(name)`). Their rounding is fixed by the order of the sums, not by the tiling or the
+threads, so the results are the same at any thread count and with any of the instruction sets; they differ from
+the optimizer's eager path (`LoRDO(..., fused=False)`, BLAS products) in the last bits (tests/test_kernels.py).
 """
 
 from __future__ import annotations
@@ -22,15 +23,10 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-import torch
-
 SOURCE = Path(__file__).with_name("csrc") / "lowrank_cpu.cpp"
 # One build per checkout: torch keeps a build under its name, and ninja rebuilds it whenever the source's path
 # changes, so two checkouts sharing the cache under one name would rebuild each other's on every switch.
 NAME = "lordo_lowrank_cpu_" + hashlib.sha256(str(SOURCE.resolve()).encode()).hexdigest()[:10]
-# Whether ATen's element-wise CPU kernels fuse a multiply-add (its vector kernels do, its scalar fallback does
-# not): `apply_lowrank` is told, so that it rounds W + G qh as the eager path's addcmul_ does.
-FUSED_MULTIPLY_ADD = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
 _lock = threading.Lock()
 _built: dict[str, ModuleType | None] = {}
 _error: list[str] = []
@@ -51,13 +47,14 @@ def lowrank_cpu() -> ModuleType | None:
             try:
                 _ninja_on_path()
                 from torch.utils.cpp_extension import load
-                _built["lowrank_cpu"] = load(NAME, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-                                             extra_ldflags=["-fopenmp"], verbose=False)
+                # -ffp-contract=fast: the source writes each product as a * b + c, to be fused (see there)
+                _built["lowrank_cpu"] = load(NAME, [str(SOURCE)], verbose=False, extra_ldflags=["-fopenmp"],
+                                             extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast"])
             except Exception as e:   # no compiler, no ninja, no Python headers: the eager path instead
                 _built["lowrank_cpu"] = None
                 _error.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")
                 warnings.warn(f"lordo: the CPU kernels could not be built ({_error[-1]}); the low-rank step runs "
-                              "its eager PyTorch path (same results, slower). LoRDO(..., fused=False) skips "
+                              "its eager PyTorch path (the same math, slower). LoRDO(..., fused=False) skips "
                               "the build", stacklevel=3)
         return _built["lowrank_cpu"]
 

@@ -29,10 +29,10 @@ sweep that adds G to R and -lr Q N (weight decay as the product's beta) and the 
 its operations, so from memory G is read twice and R and W once each read and written: 6 full-size
 passes, against 7 for fused AdamW (one pass after another, as before, made 10, 12 with weight decay).
 On a CPU in float32 both visits run in compiled kernels (`lordo.kernels`, built on first use; `fused=False`
-keeps the eager path, `fused=True` insists on the kernels): the same ATen products and norms in the same
-blocks, so the one-thread eager path's bits, with R += G and the QH term in one loop and no Python per
-block; with several threads each takes whole matrices through the one-thread code, so their results do
-not depend on the thread count.
+keeps the eager path, `fused=True` insists on the kernels): each reads a matrix from memory once and computes
+its rank-r product in registers on the way, where the eager path's BLAS products and element-wise passes read
+it separately (20-25% off the step). Their sums go in a fixed order, so their results do not depend on the
+thread count or the instruction set; they round differently from the eager path in the last bits.
 
 Memory options. `state_dtype="bfloat16"` stores every moment (low-rank and AdamW) and the error
 feedback in bfloat16: the arithmetic stays in the parameters' precision (float32 or wider) and only
@@ -61,7 +61,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lordo.comm import disable_ddp_allreduce
-from lordo.kernels import FUSED_MULTIPLY_ADD, build_error, lowrank_cpu
+from lordo.kernels import build_error, lowrank_cpu
 from lordo.projection import (
     PROJ_METHODS,
     basis_similarity,
@@ -189,19 +189,14 @@ def stochastic_round_(out: torch.Tensor, x: torch.Tensor, gen: torch.Generator) 
 # (`CPU_BLOCK` entries), so that a block of G, W and R read by one operation is still in the core's cache for
 # the next. Threaded, each operation costs a fork and join of the threads, which on a loaded machine cost more
 # than the blocks save (benchmarks/README.md); there, and on a GPU, each pass is taken whole. (The compiled
-# kernels instead give each thread whole matrices, which it visits by blocks as one thread does.)
+# kernels replace these functions on CPU in float32: lordo/csrc/lowrank_cpu.cpp.)
 CPU_BLOCK = 1 << 17
-
-
-def _cpu_block_rows(X: torch.Tensor) -> int:
-    """The rows of X in a block of `CPU_BLOCK` entries."""
-    return max(1, CPU_BLOCK // X.shape[-1])
 
 
 def _block_rows(X: torch.Tensor) -> int:
     if X.device.type != "cpu" or torch.get_num_threads() > 1:
         return X.shape[0]
-    return _cpu_block_rows(X)
+    return max(1, CPU_BLOCK // X.shape[-1])
 
 
 def _project(out: torch.Tensor, Q: torch.Tensor, X: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -422,9 +417,9 @@ class LoRDO(torch.optim.Optimizer):
     the parameters belong to, for the rule and, distributed, to broadcast rank 0's parameters before
     its first forward (without it: at the first step, after the first gradients).
     `fused`: None (default) runs the low-rank step's full-size work in the compiled CPU kernels
-    (`lordo.kernels`) where they apply (float32 on CPU; the eager path's one-thread results at any thread
-    count), warning once and running eagerly if they cannot be built; True requires them; False never
-    builds them.
+    (`lordo.kernels`) where they apply (float32 on CPU; the same results at any thread count, and the eager
+    path's to the last bits), warning once and running eagerly if they cannot be built; True requires them;
+    False never builds them.
 
     Distributed, the first step checks that the workers' gradients differ: equal ones mean that
     something (DDP) already averaged them, which is refused. Set `refuse_averaged_gradients = False`
@@ -832,8 +827,9 @@ class LoRDO(torch.optim.Optimizer):
     def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each gradient's norm. On a CPU, where the step will need Q^T G (Q unchanged since the last step,
         error feedback kept lazily or not at all), the product is taken in the same visit to G: it reads G
-        from memory at the pace of its arithmetic, and the norm then reads it again from cache. A GPU gains
-        nothing from that and takes one multi-tensor norm."""
+        from memory at the pace of its arithmetic, and the norm then reads it again from cache. The other
+        gradients' norms: the kernels' where they run, else one multi-tensor norm (as on a GPU, which gains
+        nothing from the above)."""
         norms: list[torch.Tensor | None] = [None] * len(grads)
         lazy = STATE_DTYPES[self.hparams["state_dtype"]] is None
         for b in self.buckets:
@@ -841,8 +837,8 @@ class LoRDO(torch.optim.Optimizer):
                 continue
             bucket_grads = [grads[i] for i in b.indices]
             if self._compiled(b, bucket_grads):
-                for i, n in zip(b.indices, self._kernels.project_and_norm(
-                        b.work, b.Q, bucket_grads, b.transposed[0], _cpu_block_rows(bucket_grads[0])).unbind(0)):
+                for i, n in zip(b.indices, self._kernels.project_and_norm(b.work, b.Q, bucket_grads,
+                                                                          b.transposed[0]).unbind(0)):
                     norms[i] = n
             else:
                 for j, i in enumerate(b.indices):
@@ -850,7 +846,11 @@ class LoRDO(torch.optim.Optimizer):
             b.projected = True
         rest = [i for i, n in enumerate(norms) if n is None]
         if rest:   # empty when every parameter is a low-rank matrix already projected (foreach refuses [])
-            for i, n in zip(rest, torch._foreach_norm([grads[i] for i in rest])):
+            tensors = [grads[i] for i in rest]
+            compiled = self._kernels is not None and all(
+                t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            # the kernels' run on every thread (torch's takes one a tensor: 16 ms for 125m's embedding)
+            for i, n in zip(rest, self._kernels.norms(tensors).unbind(0) if compiled else torch._foreach_norm(tensors)):
                 norms[i] = n
         return norms
 
@@ -949,15 +949,14 @@ class LoRDO(torch.optim.Optimizer):
         decay = 1 - lr * g["weight_decay"]
         if self._compiled(b, grads):
             self._kernels.apply_lowrank([self.params[i] for i in b.indices], grads, ef if pending else [], b.Q, N,
-                                        b.transposed[0], lr, decay, [] if qh is None else qh.tolist(),
-                                        _cpu_block_rows(grads[0]), FUSED_MULTIPLY_ADD)
+                                        b.transposed[0], lr, decay, [] if qh is None else qh.tolist())
             return
         for j, i in enumerate(b.indices):
             _apply_lowrank_(self.params[i], grads[j], b.Q[j], N[j], b.transposed[j], lr=lr, decay=decay,
                             qh=None if qh is None else qh[j], ef=ef[j] if pending else None)
 
     def _compiled(self, b: _Bucket, grads: list[torch.Tensor]) -> bool:
-        """Whether this step of bucket b runs the compiled CPU kernels (their results: the one-thread eager path's)."""
+        """Whether this step of bucket b runs the compiled CPU kernels (lordo/csrc/lowrank_cpu.cpp)."""
         return (b.compiled and self._kernels is not None and all(g.is_contiguous() for g in grads)
                 and all(self.params[i].is_contiguous() for i in b.indices))
 
@@ -1009,7 +1008,7 @@ class LoRDO(torch.optim.Optimizer):
                 self._record(b, Q, X, own[bi] if own is not None else None)
             if b.Q is not None:
                 self._carry_moments(b, Q)
-            b.Q = Q
+            b.Q = Q.contiguous()     # (the compiled kernels read it as stored)
             b.fresh = True
         self.refreshes += 1
 

@@ -1,14 +1,14 @@
-"""The compiled CPU kernels (lordo/csrc/lowrank_cpu.cpp) give the one-thread eager step's results bit for bit,
-whatever the number of intra-op threads (each thread takes whole matrices through the one-thread code).
+"""The compiled CPU kernels (lordo/csrc/lowrank_cpu.cpp): their math against float64, their results the same
+at any thread count and with every instruction set the CPU has, and the optimizer's step with them against its
+eager path.
 
-The eager path is checked against the float64 reference (test_optim_reference.py); the kernels take float32
-CPU matrices only, so here they are checked against the eager path on the same float32 runs: every
-parameter and every piece of state equal, the kernels with one and two intra-op threads against the eager
-path with one, whole matrices and several blocks of rows, and with the branches of the step the kernels
-touch (lazy error feedback, the QH term and its update_rms scale, weight decay, the clip biting) or leave to
-the eager path (a fresh projection, bf16 state). The whole-step runs use small matrices, on which the step's
-other operations (the low-rank moments, the projection's QR) round alike at one and two threads; the kernels
-alone are checked at two threads on shapes where a threaded product would round differently.
+The kernels fix the order of every sum (not the tiling, not the threads), so their results are compared bit for
+bit across thread counts and instruction sets, on shapes that exercise every tile and tail (columns not a
+multiple of 16, ranks above one pass of registers, fewer rows than a tile, buckets of one and three matrices,
+both orientations). Against the eager path (BLAS products, which round differently) and against float64 they
+agree to float32 rounding. The whole-step runs cover the branches of the step the kernels touch (lazy error
+feedback, the QH term and its update_rms scale, weight decay, the clip biting) or leave to the eager path (a
+fresh projection, bf16 state).
 """
 
 import pytest
@@ -79,25 +79,29 @@ CASES = [("lordo", {}), ("lordo", {"omega": 1.0}), ("lordo", {"error_feedback": 
          ("lordo", {"clip": 0.05, "nonfinite": "off"}), ("lordo_local", {}), ("lowrank_ddp", {})]
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("block", [None, 64], ids=["whole", "blocks"])
 @pytest.mark.parametrize("method,hp", CASES, ids=[f"{m}-{hp}" for m, hp in CASES])
-def test_compiled_step_is_the_one_thread_eager_step_bit_for_bit(method, hp, block, threads, monkeypatch):
+def test_compiled_step_matches_the_eager_step(method, hp, monkeypatch):
+    """7 steps with two synchronizations: every parameter and piece of state as the eager path computes it, to
+    float32 rounding, and the same bits with one and two intra-op threads."""
     if lordo.kernels.lowrank_cpu() is None:
         pytest.fail(f"the CPU kernels did not build: {lordo.kernels.build_error()}")
-    if block is not None:
-        monkeypatch.setattr(lordo.optim, "CPU_BLOCK", block)   # 64 entries: rows of 1 to 2 per block
-    with cpu_threads(threads):
-        compiled, compiled_state, calls = train(method, hp, None, monkeypatch)
+    runs = {}
+    for threads in (1, 2):
+        with cpu_threads(threads):
+            runs[threads] = train(method, hp, None, monkeypatch)
     with cpu_threads(1):
         eager, eager_state, eager_calls = train(method, hp, False, monkeypatch)
+    (compiled, compiled_state, calls), (two, two_state, _) = runs[1], runs[2]
     assert calls >= STEPS and eager_calls == 0
     assert (compiled["w_in"] - init_params()["w_in"]).abs().max() > 1e-2   # the run really trains
     for name in SHAPES:
-        assert torch.equal(compiled[name], eager[name]), name
-    a, b = flat(compiled_state), flat(eager_state)
-    assert len(a) == len(b) > 0
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert torch.equal(compiled[name], two[name]), name
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6, msg=name)
+    a, b, c = flat(compiled_state), flat(eager_state), flat(two_state)
+    assert len(a) == len(b) == len(c) > 0
+    assert all(torch.equal(x, y) for x, y in zip(a, c))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_low_precision_state_and_float64_stay_eager(monkeypatch):
@@ -141,26 +145,93 @@ def test_a_failed_build_falls_back_to_the_eager_step(monkeypatch):
         strict.step()
 
 
-@pytest.mark.parametrize("matrices", [1, 3])
-@pytest.mark.parametrize("transposed", [False, True], ids=["p<q", "stored-transposed"])
-def test_kernels_give_the_one_thread_bits_at_two_threads(matrices, transposed):
-    """Shapes where a threaded BLAS product rounds differently from a one-thread one (85-row blocks of 1536
-    columns): each matrix still goes through one-thread products, alone in its bucket or beside others."""
+# (matrices, rows, cols, rank, transposed) as stored: tails of columns (not a multiple of 16), ranks of one vector
+# or less, between vectors, above one pass of registers (> 96), fewer rows than a tile, one and three matrices
+KERNEL_SHAPES = [(3, 40, 70, 5, False), (3, 70, 40, 5, True), (1, 100, 333, 13, False), (1, 333, 100, 13, True),
+                 (2, 96, 200, 90, False), (2, 200, 96, 90, True), (1, 130, 400, 112, False),
+                 (1, 400, 130, 112, True), (3, 7, 9, 7, True), (1, 512, 1536, 32, False), (3, 1536, 512, 48, True)]
+
+
+def kernel_case(shape):
+    """Weights, gradients, buffers, Q (orthonormal columns) and N for one bucket, laid out as the optimizer
+    lays them out (N and the projection's output stored like the weights)."""
+    n, rows, cols, rank, transposed = shape
+    side, other = (cols, rows) if transposed else (rows, cols)     # the oriented matrix's p and q
+    g = torch.Generator().manual_seed(sum(shape[:4]))
+    W, G, R = ([torch.randn(rows, cols, generator=g) for _ in range(n)] for _ in range(3))
+    Q = torch.linalg.qr(torch.randn(n, side, rank, generator=g, dtype=torch.float64))[0].float().contiguous()
+    N = torch.randn(n, other, rank, generator=g).mT if transposed else torch.randn(n, rank, other, generator=g)
+    out = torch.empty(n, other, rank).mT if transposed else torch.empty(n, rank, other)
+    return W, G, R, Q, N, out, transposed
+
+
+def run_kernels(shape, isa, threads, qh=(0.1, -0.2, 0.3)):
+    """The projection with its norms, then the update, on the shape's bucket with one instruction set."""
     ext = lordo.kernels.lowrank_cpu()
-    rows, cols, rank = 512, 1536, 32                      # as stored
-    side, other = (cols, rows) if transposed else (rows, cols)   # the oriented matrix's p and q
-
-    def run(threads):
-        g = torch.Generator().manual_seed(1)
-        W, G, R = ([torch.randn(rows, cols, generator=g) for _ in range(matrices)] for _ in range(3))
-        Q, N = torch.randn(matrices, side, rank, generator=g), torch.randn(matrices, rank, other, generator=g)
-        out = torch.empty(matrices, rank, other)
-        block = lordo.optim._cpu_block_rows(W[0])
+    W, G, R, Q, N, out, transposed = kernel_case(shape)
+    before = ext.set_isa(isa)
+    try:
         with cpu_threads(threads):
-            norms = ext.project_and_norm(out, Q, G, transposed, block)
-            ext.apply_lowrank(W, G, R, Q, N, transposed, 1e-3, 0.999, [0.1] * matrices, block,
-                              lordo.kernels.FUSED_MULTIPLY_ADD)
-        return [out, norms, *W, *R]
+            norms = ext.project_and_norm(out, Q, G, transposed)
+            ext.apply_lowrank(W, G, R, Q, N, transposed, 0.01, 0.99, list(qh[:len(W)]))
+    finally:
+        ext.set_isa(before)
+    return out, norms, W, R
 
-    one, two = run(1), run(2)
-    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+def test_kernels_give_the_same_bits_at_any_thread_count_and_instruction_set(shape):
+    ext = lordo.kernels.lowrank_cpu()
+    isas = ext.isas()
+    assert isas[-1] == "generic" and ext.set_isa() == isas[0]      # the widest by default
+    first = run_kernels(shape, "generic", 1)
+    for isa in isas:
+        for threads in (1, 2):
+            got = run_kernels(shape, isa, threads)
+            for a, b in zip(first, got):
+                a, b = (a, b) if isinstance(a, torch.Tensor) else (torch.stack(a), torch.stack(b))
+                assert torch.equal(a, b), (isa, threads)
+
+
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
+def test_kernels_compute_the_step_in_float64_up_to_float32_rounding(shape):
+    out, norms, W_new, R_new = run_kernels(shape, lordo.kernels.lowrank_cpu().isas()[0], 2)
+    W, G, R, Q, N, _, transposed = kernel_case(shape)
+    for j in range(len(W)):
+        Gd, Wd, Qd, Nd = (x.double() for x in (G[j], W[j], Q[j], N[j]))
+        oriented = Gd.mT if transposed else Gd
+        QN = Qd @ Nd
+        expected_W = 0.99 * Wd - 0.01 * (QN.mT if transposed else QN) + (0.1, -0.2, 0.3)[j] * Gd
+        torch.testing.assert_close(out[j].double(), Qd.mT @ oriented, rtol=0, atol=2e-6 * oriented.abs().max())
+        torch.testing.assert_close(norms[j].double(), Gd.norm(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(W_new[j].double(), expected_W, rtol=0, atol=1e-6 * expected_W.abs().max())
+        assert torch.equal(R_new[j], R[j] + G[j])      # exact: one float32 add per entry
+
+
+def test_kernels_refuse_what_they_do_not_take():
+    ext = lordo.kernels.lowrank_cpu()
+    W, G, R, Q, N, out, transposed = kernel_case((2, 40, 70, 5, False))
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        ext.project_and_norm(torch.empty(2, 4, 70), Q, G, transposed)
+    with pytest.raises(RuntimeError, match="must be a contiguous float32 CPU tensor"):
+        ext.apply_lowrank([w.double() for w in W], G, R, Q, N, transposed, 0.01, 1.0, [])
+    with pytest.raises(RuntimeError, match="instruction set avx9 is not available"):
+        ext.set_isa("avx9")
+
+
+def test_kernel_norms_are_float64_norms_to_rounding_and_the_same_at_any_thread_count():
+    """The other gradients' norms (embeddings, norms, biases: any shape), in fixed chunks of 2^16 entries."""
+    ext = lordo.kernels.lowrank_cpu()
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(*s, generator=g) for s in [(300, 1000), (7,), (0,), (65536,), (65537,), (2, 3, 5)]]
+    expected = torch.stack([t.double().norm() for t in tensors])
+    results = []
+    for isa in ext.isas():
+        for threads in (1, 2):
+            ext_isa = ext.set_isa(isa)
+            with cpu_threads(threads):
+                results.append(ext.norms(tensors))
+            ext.set_isa(ext_isa)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    torch.testing.assert_close(results[0].double(), expected, rtol=1e-6, atol=0)
+    assert not torch.isfinite(ext.norms([torch.tensor([1.0, float("inf")]), tensors[1]])[0])

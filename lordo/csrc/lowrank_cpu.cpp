@@ -1,92 +1,378 @@
-// The full-size part of LoRDO's low-rank step on CPU, for float32 matrices: the same ATen products and norms
-// as lordo/optim.py's `_project_and_norm` and `_apply_lowrank_` with one thread, on the same blocks of rows and
-// with the same roundings, so the results are bit-identical to them. What changes: the error-feedback sum R += G
-// and the QH term W += qh G are one loop over each block (one pass instead of two), a bucket's matrices are
-// visited from C++ (about 1,500 fewer Python-level operations a step), and with several threads each thread
-// takes whole matrices, or runs of blocks when a bucket has fewer matrices than threads (the one-thread bits at
-// any thread count). Built on first use by lordo/kernels.py.
+// The full-size part of LoRDO's low-rank step on CPU, for float32 matrices (lordo/optim.py calls it per bucket
+// of same-shape matrices): Q^T G with the norm of G, then W <- decay W - lr Q N (+ qh G) and R += G. Each reads
+// the matrices from memory once, the rank-r products computed in registers beside that pass (a BLAS product
+// reads its operands apart from the step's element-wise passes; the eager path makes one pass per operation).
+// Built on first use by lordo/kernels.py.
+//
+// Rounding, fixed by the definition rather than by the tiling: each entry of a product is a sum over i (rows of
+// G, columns of G, or the rank) in ascending order with one fused multiply-add per term; a norm is 64 partial
+// sums of squares over the stored rows in order (`SumSq`); W's update is three FMAs, W decay, then -lr (Q N),
+// then qh G. So the results are the same at any thread count and with AVX-512, AVX2 or plain C++ (`set_isa`;
+// tests/test_kernels.py compares them), and differ from the eager path's (BLAS products) in the last bits.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
 
-// W += G * qh (and R += G) over n entries, rounded as ATen's addcmul_ rounds it: with ATen's vector kernels
-// (AVX2, AVX512) the multiply-add is fused, with its scalar fallback (capability DEFAULT) it is not. Both
-// variants are written out, so the compiler's contraction settings do not decide.
-#if defined(__x86_64__)
-#define LORDO_FMA_TARGET __attribute__((target("avx2,fma")))
-#else
-#define LORDO_FMA_TARGET
-#endif
+// 16 float lanes: one AVX-512 register, two AVX2 ones, four NEON ones.
+typedef float v16 __attribute__((vector_size(64)));
+#define LORDO_INLINE inline __attribute__((always_inline))
 
-LORDO_FMA_TARGET void add_fused(float* __restrict w, const float* __restrict g, float* __restrict r, int64_t n,
-                                float qh) {
-  if (r != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float gi = g[i];
-      r[i] += gi;
-      w[i] = __builtin_fmaf(gi, qh, w[i]);
-    }
+LORDO_INLINE v16 load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+LORDO_INLINE void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+// a * b + c rounded once per lane. Built with -ffp-contract=fast, and every product in these kernels written as
+// one of these, so the compiler fuses each and nothing else into an FMA instruction (the tests compare this
+// with the per-lane fmaf below, which the plain build uses: a CPU without FMA instructions has no fused form).
+template <bool Contract>
+LORDO_INLINE v16 fmadd(v16 a, v16 b, v16 c) {
+  if constexpr (Contract) {
+    return a * b + c;
   } else {
-    for (int64_t i = 0; i < n; ++i) w[i] = __builtin_fmaf(g[i], qh, w[i]);
+    v16 out;
+#pragma GCC unroll 16
+    for (int l = 0; l < 16; ++l) out[l] = __builtin_fmaf(a[l], b[l], c[l]);
+    return out;
   }
 }
-
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-void add_unfused(float* __restrict w, const float* __restrict g, float* __restrict r, int64_t n, float qh) {
-  if (r != nullptr) {
-    for (int64_t i = 0; i < n; ++i) {
-      const float gi = g[i];
-      r[i] += gi;
-      w[i] = w[i] + gi * qh;
-    }
+// the same with a scalar a (written as scalar times vector: compilers broadcast it from memory into the FMA)
+template <bool Contract>
+LORDO_INLINE v16 fmadd(float a, v16 b, v16 c) {
+  if constexpr (Contract) {
+    return a * b + c;
   } else {
-    for (int64_t i = 0; i < n; ++i) w[i] = w[i] + g[i] * qh;
+    v16 out;
+#pragma GCC unroll 16
+    for (int l = 0; l < 16; ++l) out[l] = __builtin_fmaf(a, b[l], c[l]);
+    return out;
   }
 }
-#pragma GCC pop_options
 
-void accumulate(float* __restrict r, const float* __restrict g, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) r[i] += g[i];
-}
+// Register tiles: sizes change the speed, never the result.
+struct Wide {     // 32 vector registers of 16 floats (AVX-512)
+  static constexpr bool contract = true;
+  static constexpr int rows_k = 12, rows_vecs = 2, rows_block = 32;   // project over rows: k x vecs accumulators
+  static constexpr int cols_vecs = 6;                                  // project over columns: rank per pass / 16
+  static constexpr int cols_rows(int vecs) { return vecs == 1 ? 16 : 24 / vecs; }
+  static constexpr int apply_rows = 4, apply_vecs = 4;
+};
+struct Narrow {   // 16 vector registers of 8 floats (AVX2)
+  static constexpr bool contract = true;
+  static constexpr int rows_k = 6, rows_vecs = 1, rows_block = 32;
+  static constexpr int cols_vecs = 2;
+  static constexpr int cols_rows(int vecs) { return vecs == 1 ? 4 : 2; }
+  static constexpr int apply_rows = 2, apply_vecs = 2;
+};
 
-// The element-wise part of a block: R += G (when r), then W += G * qh (when has_qh).
-void elementwise(float* w, const float* g, float* r, int64_t n, bool has_qh, float qh, bool fma) {
-  if (!has_qh)
-    accumulate(r, g, n);
-  else if (fma)
-    add_fused(w, g, r, n, qh);
-  else
-    add_unfused(w, g, r, n, qh);
-}
+struct Plain : Narrow {   // any CPU: FMA per lane from the C library where the CPU has none
+  static constexpr bool contract = false;
+};
 
-// oneMKL's per-thread thread count, declared weak so that the kernels also load with a torch built without MKL.
-// torch turns MKL's dynamic adjustment off, so a product called from a thread of a parallel region would start
-// threads of its own (and round as a threaded product does).
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-// BLAS on one thread for this object's lifetime (when torch's BLAS is MKL).
-struct SerialBlas {
-  int previous = 0;
-  SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+// Sum of squares of rows in order: 64 lanes over each row's 64-column groups (4 vectors, independent chains),
+// the rest of its 16-column groups in the first vectors, the rest of the row in one sum; then lane by lane.
+template <bool Contract>
+struct SumSq {
+  v16 lanes[4] = {};
+  float tail = 0.f;
+  LORDO_INLINE void rows(const float* x, int64_t rows, int64_t cols) {
+    const int64_t c64 = cols / 64 * 64, c16 = cols / 16 * 16;
+    v16 a[4] = {lanes[0], lanes[1], lanes[2], lanes[3]};
+    float t = tail;
+    for (int64_t i = 0; i < rows; ++i, x += cols) {
+      for (int64_t c = 0; c < c64; c += 64)
+#pragma GCC unroll 32
+        for (int v = 0; v < 4; ++v) {
+          const v16 y = load(x + c + 16 * v);
+          a[v] = fmadd<Contract>(y, y, a[v]);
+        }
+      for (int64_t c = c64; c < c16; c += 16) {
+        const v16 y = load(x + c);
+        a[(c - c64) / 16] = fmadd<Contract>(y, y, a[(c - c64) / 16]);
+      }
+      for (int64_t c = c16; c < cols; ++c) t = __builtin_fmaf(x[c], x[c], t);
+    }
+#pragma GCC unroll 32
+    for (int v = 0; v < 4; ++v) lanes[v] = a[v];
+    tail = t;
   }
-  ~SerialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  float value() const {
+    const v16 sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+    float s = 0.f;
+#pragma GCC unroll 32
+    for (int l = 0; l < 16; ++l) s += sum[l];
+    return s + tail;
   }
 };
 
-// each(i) for i in [0, n), with several intra-op threads side by side, each i on one thread with its BLAS
-// products on one thread (ATen runs serially inside a parallel region): every item goes through the one-thread
-// code, so the results are the one-thread results whatever the thread count.
+// ---- out (r x q) = Q^T G for G stored p x q, Q p x r: out accumulates block by block of G's rows (it stays in
+// cache), each entry over i in order.
+template <class T, int K, int V, bool First>
+LORDO_INLINE void project_rows_tile(float* out, const float* Q, const float* G, int64_t i0, int64_t i1, int64_t q,
+                                    int64_t r, int64_t c, int64_t k0) {
+  v16 acc[K][V];
+#pragma GCC unroll 32
+  for (int k = 0; k < K; ++k)
+    for (int v = 0; v < V; ++v) acc[k][v] = First ? v16{} : load(out + (k0 + k) * q + c + 16 * v);
+  for (int64_t i = i0; i < i1; ++i) {
+    v16 g[V];
+#pragma GCC unroll 32
+    for (int v = 0; v < V; ++v) g[v] = load(G + i * q + c + 16 * v);
+    const float* qi = Q + i * r + k0;
+#pragma GCC unroll 32
+    for (int k = 0; k < K; ++k)
+      for (int v = 0; v < V; ++v) acc[k][v] = fmadd<T::contract>(qi[k], g[v], acc[k][v]);
+  }
+#pragma GCC unroll 32
+  for (int k = 0; k < K; ++k)
+    for (int v = 0; v < V; ++v) store(out + (k0 + k) * q + c + 16 * v, acc[k][v]);
+}
+
+// The tile for the k-chunk [k0, k0 + kb), kb <= K (the last chunk of a rank that K does not divide).
+template <class T, int K, int V, bool First>
+LORDO_INLINE void project_rows_chunk(int64_t kb, float* out, const float* Q, const float* G, int64_t i0, int64_t i1,
+                                     int64_t q, int64_t r, int64_t c, int64_t k0) {
+  if constexpr (K > 0) {
+    if (kb == K) return project_rows_tile<T, K, V, First>(out, Q, G, i0, i1, q, r, c, k0);
+    project_rows_chunk<T, K - 1, V, First>(kb, out, Q, G, i0, i1, q, r, c, k0);
+  }
+}
+
+template <class T, int V>
+LORDO_INLINE void project_rows_columns(float* out, const float* Q, const float* G, int64_t i0, int64_t i1, int64_t q,
+                                       int64_t r, int64_t c) {
+  constexpr int K = T::rows_k;
+  for (int64_t i = i0; i < i1; ++i)   // this block's rows two tiles ahead, for the next tiles
+#pragma GCC unroll 32
+    for (int v = 0; v < V; ++v) __builtin_prefetch(G + i * q + c + 32 * V + 16 * v, 0, 3);
+  for (int64_t k0 = 0; k0 < r; k0 += K) {
+    const int64_t kb = std::min<int64_t>(K, r - k0);
+    if (i0 == 0)
+      project_rows_chunk<T, K, V, true>(kb, out, Q, G, i0, i1, q, r, c, k0);
+    else
+      project_rows_chunk<T, K, V, false>(kb, out, Q, G, i0, i1, q, r, c, k0);
+  }
+}
+
+template <class T>
+LORDO_INLINE float project_rows(float* out, const float* Q, const float* G, int64_t p, int64_t q, int64_t r) {
+  constexpr int V = T::rows_vecs;
+  const int64_t q_tiles = q / (16 * V) * (16 * V), q16 = q / 16 * 16;
+  SumSq<T::contract> norm;
+  for (int64_t i0 = 0; i0 < p; i0 += T::rows_block) {
+    const int64_t i1 = std::min(p, i0 + T::rows_block);
+    for (int64_t c = 0; c < q_tiles; c += 16 * V) project_rows_columns<T, V>(out, Q, G, i0, i1, q, r, c);
+    for (int64_t c = q_tiles; c < q16; c += 16) project_rows_columns<T, 1>(out, Q, G, i0, i1, q, r, c);
+    for (int64_t c = q16; c < q; ++c)
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t k = 0; k < r; ++k) {
+          float& o = out[k * q + c];
+          o = __builtin_fmaf(Q[i * r + k], G[i * q + c], i ? o : 0.f);
+        }
+    norm.rows(G + i0 * q, i1 - i0, q);
+  }
+  return norm.value();
+}
+
+// ---- outT (m x r) = G Q for G stored m x n, Q n x r (given as Qp, n x ldq, zero-padded to whole vectors): rows of
+// G are independent, each entry sums over c in order.
+template <class T, int RB, int RV>
+LORDO_INLINE void project_cols_tile(float* outT, const float* Qp, int64_t ldq, const float* G, int64_t n, int64_t r,
+                                    int64_t j0, int64_t k0, int64_t kn) {
+  v16 acc[RB][RV];
+#pragma GCC unroll 32
+  for (int a = 0; a < RB; ++a)
+    for (int v = 0; v < RV; ++v) acc[a][v] = v16{};
+  for (int64_t c = 0; c < n; ++c) {
+    if ((c & 15) == 0)   // each row four lines ahead
+#pragma GCC unroll 32
+      for (int a = 0; a < RB; ++a) __builtin_prefetch(G + (j0 + a) * n + c + 64, 0, 3);
+    v16 qv[RV];
+#pragma GCC unroll 32
+    for (int v = 0; v < RV; ++v) qv[v] = load(Qp + c * ldq + k0 + 16 * v);
+    for (int a = 0; a < RB; ++a)
+      for (int v = 0; v < RV; ++v) acc[a][v] = fmadd<T::contract>(G[(j0 + a) * n + c], qv[v], acc[a][v]);
+  }
+#pragma GCC unroll 32
+  for (int a = 0; a < RB; ++a) {
+    float* o = outT + (j0 + a) * r + k0;
+    int v = 0;
+    for (; 16 * v + 16 <= kn; ++v) store(o + 16 * v, acc[a][v]);
+    for (int64_t k = 16 * v; k < kn; ++k) o[k] = acc[a][v][k - 16 * v];
+  }
+}
+
+template <class T, int RV>
+LORDO_INLINE void project_cols_block(float* outT, const float* Qp, int64_t ldq, const float* G, int64_t n, int64_t r,
+                                     int64_t j0, int64_t rows, int64_t k0, int64_t kn) {
+  constexpr int RB = T::cols_rows(RV);
+  if (rows == RB)
+    project_cols_tile<T, RB, RV>(outT, Qp, ldq, G, n, r, j0, k0, kn);
+  else
+    for (int64_t j = j0; j < j0 + rows; ++j) project_cols_tile<T, 1, RV>(outT, Qp, ldq, G, n, r, j, k0, kn);
+}
+
+template <class T, int RV>
+LORDO_INLINE void project_cols_vecs(int64_t vecs, float* outT, const float* Qp, int64_t ldq, const float* G, int64_t n,
+                                    int64_t r, int64_t j0, int64_t rows, int64_t k0, int64_t kn) {
+  if constexpr (RV > 0) {
+    if (vecs == RV) return project_cols_block<T, RV>(outT, Qp, ldq, G, n, r, j0, rows, k0, kn);
+    project_cols_vecs<T, RV - 1>(vecs, outT, Qp, ldq, G, n, r, j0, rows, k0, kn);
+  }
+}
+
+template <class T>
+LORDO_INLINE float project_cols(float* outT, const float* Qp, int64_t ldq, const float* G, int64_t m, int64_t n,
+                                int64_t r) {
+  constexpr int most = T::cols_vecs;
+  SumSq<T::contract> norm;
+  // rows a block: the widest pass's tile (a narrower last pass of a large rank takes them one by one)
+  const int64_t block = T::cols_rows(std::min<int64_t>(most, ldq / 16));
+  for (int64_t j0 = 0; j0 < m; j0 += block) {
+    const int64_t rows = std::min(block, m - j0);
+    for (int64_t k0 = 0; k0 < r; k0 += 16 * most) {
+      const int64_t kn = std::min<int64_t>(16 * most, r - k0);
+      project_cols_vecs<T, most>((kn + 15) / 16, outT, Qp, ldq, G, n, r, j0, rows, k0, kn);
+    }
+    norm.rows(G + j0 * n, rows, n);
+  }
+  return norm.value();
+}
+
+// ---- W (rows x C) <- decay W - lr A B (+ qh G), R += G, for W's rows [i0, i1): A rows x r, B r x C. Each entry of
+// A B sums over k in order; then W decay, plus -lr times it, plus qh G, each rounded once.
+template <class T, int RB, int V>
+LORDO_INLINE void apply_tile(float* W, const float* G, float* R, const float* A, const float* B, int64_t C, int64_t r,
+                             int64_t i0, int64_t i1, int64_t c, float neg_lr, float decay, float qh, bool has_qh) {
+  v16 acc[RB][V];
+#pragma GCC unroll 32
+  for (int a = 0; a < RB; ++a)
+    for (int v = 0; v < V; ++v) acc[a][v] = v16{};
+  if (i0 + 2 * RB <= i1)   // the next block of rows, same columns, into L2
+#pragma GCC unroll 32
+    for (int a = 0; a < RB; ++a)
+      for (int v = 0; v < V; ++v) {
+        const int64_t o = (i0 + RB + a) * C + c + 16 * v;
+        __builtin_prefetch(W + o, 1, 2);
+        __builtin_prefetch(G + o, 0, 2);
+        if (R) __builtin_prefetch(R + o, 1, 2);
+      }
+  for (int64_t k = 0; k < r; ++k) {
+    v16 b[V];
+#pragma GCC unroll 32
+    for (int v = 0; v < V; ++v) b[v] = load(B + k * C + c + 16 * v);
+    for (int a = 0; a < RB; ++a)
+      for (int v = 0; v < V; ++v) acc[a][v] = fmadd<T::contract>(A[(i0 + a) * r + k], b[v], acc[a][v]);
+  }
+#pragma GCC unroll 32
+  for (int a = 0; a < RB; ++a)
+    for (int v = 0; v < V; ++v) {
+      const int64_t o = (i0 + a) * C + c + 16 * v;
+      const v16 g = load(G + o);
+      v16 w = fmadd<T::contract>(decay, load(W + o), v16{});
+      w = fmadd<T::contract>(neg_lr, acc[a][v], w);
+      if (has_qh) w = fmadd<T::contract>(qh, g, w);
+      store(W + o, w);
+      if (R) store(R + o, load(R + o) + g);
+    }
+}
+
+template <class T, int RB>
+LORDO_INLINE void apply_block(float* W, const float* G, float* R, const float* A, const float* B, int64_t C, int64_t r,
+                              int64_t i0, int64_t i1, float neg_lr, float decay, float qh, bool has_qh) {
+  constexpr int V = T::apply_vecs;
+  const int64_t c_tiles = C / (16 * V) * (16 * V), c16 = C / 16 * 16;
+  for (int64_t c = 0; c < c_tiles; c += 16 * V)
+    apply_tile<T, RB, V>(W, G, R, A, B, C, r, i0, i1, c, neg_lr, decay, qh, has_qh);
+  for (int64_t c = c_tiles; c < c16; c += 16) apply_tile<T, RB, 1>(W, G, R, A, B, C, r, i0, i1, c, neg_lr, decay, qh, has_qh);
+  for (int64_t i = i0; i < i0 + RB; ++i)
+    for (int64_t c = c16; c < C; ++c) {
+      float s = 0.f;
+      for (int64_t k = 0; k < r; ++k) s = __builtin_fmaf(A[i * r + k], B[k * C + c], s);
+      const int64_t o = i * C + c;
+      float w = __builtin_fmaf(s, neg_lr, __builtin_fmaf(W[o], decay, 0.f));
+      if (has_qh) w = __builtin_fmaf(G[o], qh, w);
+      W[o] = w;
+      if (R) R[o] += G[o];
+    }
+}
+
+template <class T>
+LORDO_INLINE void apply_rows(float* W, const float* G, float* R, const float* A, const float* B, int64_t C, int64_t r,
+                             int64_t i0, int64_t i1, float neg_lr, float decay, float qh, bool has_qh) {
+  constexpr int RB = T::apply_rows;
+  int64_t i = i0;
+  for (; i + RB <= i1; i += RB) apply_block<T, RB>(W, G, R, A, B, C, r, i, i1, neg_lr, decay, qh, has_qh);
+  for (; i < i1; ++i) apply_block<T, 1>(W, G, R, A, B, C, r, i, i1, neg_lr, decay, qh, has_qh);
+}
+
+// ---- one entry point per instruction set, each compiled for it (the templates above are inlined into it)
+#define LORDO_ENTRY_POINTS(suffix, T)                                                                              \
+  float project_rows_##suffix(float* out, const float* Q, const float* G, int64_t p, int64_t q, int64_t r) {     \
+    return project_rows<T>(out, Q, G, p, q, r);                                                                 \
+  }                                                                                                              \
+  float project_cols_##suffix(float* outT, const float* Qp, int64_t ldq, const float* G, int64_t m, int64_t n,   \
+                              int64_t r) {                                                                       \
+    return project_cols<T>(outT, Qp, ldq, G, m, n, r);                                                          \
+  }                                                                                                              \
+  float sum_squares_##suffix(const float* x, int64_t n) {                                                       \
+    SumSq<T::contract> norm;                                                                                     \
+    norm.rows(x, 1, n);                                                                                          \
+    return norm.value();                                                                                         \
+  }                                                                                                              \
+  void apply_rows_##suffix(float* W, const float* G, float* R, const float* A, const float* B, int64_t C,        \
+                           int64_t r, int64_t i0, int64_t i1, float neg_lr, float decay, float qh, bool has_qh) { \
+    apply_rows<T>(W, G, R, A, B, C, r, i0, i1, neg_lr, decay, qh, has_qh);                                      \
+  }
+
+LORDO_ENTRY_POINTS(generic, Plain)
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+LORDO_ENTRY_POINTS(avx2, Narrow)
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+LORDO_ENTRY_POINTS(avx512, Wide)
+#pragma GCC pop_options
+#endif
+
+struct Isa {
+  std::string name;
+  decltype(&project_rows_generic) project_rows;
+  decltype(&project_cols_generic) project_cols;
+  decltype(&apply_rows_generic) apply_rows;
+  decltype(&sum_squares_generic) sum_squares;
+};
+
+std::vector<Isa> available() {
+  std::vector<Isa> isas;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
+    isas.push_back({"avx512", project_rows_avx512, project_cols_avx512, apply_rows_avx512, sum_squares_avx512});
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    isas.push_back({"avx2", project_rows_avx2, project_cols_avx2, apply_rows_avx2, sum_squares_avx2});
+#endif
+  isas.push_back({"generic", project_rows_generic, project_cols_generic, apply_rows_generic, sum_squares_generic});
+  return isas;
+}
+
+const std::vector<Isa> kIsas = available();
+const Isa* isa = &kIsas.front();   // the widest this CPU has
+
+// each(i) for i in [0, n), items side by side on the intra-op threads
 template <typename F>
 void for_each(int64_t n, const F& each) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-    SerialBlas serial;
     for (int64_t i = begin; i < end; ++i) each(i);
   });
 }
@@ -96,64 +382,116 @@ void check_matrix(const torch::Tensor& t, const char* what) {
               "lordo lowrank_cpu: ", what, " must be a contiguous float32 CPU tensor");
 }
 
-}  // namespace
-
-// Per matrix j: out[j] = Q[j]^T G_j for the oriented G_j (stored transposed when `transposed`), and the norm of
-// G_j, taken block by block of `rows` stored rows (the norm reads each block again from cache).
-torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<torch::Tensor> grads,
-                               bool transposed, int64_t rows) {
-  for (const auto& G : grads) check_matrix(G, "a gradient");
-  std::vector<torch::Tensor> norms(grads.size());
-  for_each(grads.size(), [&](int64_t j) {
-    const torch::Tensor G = grads[j].detach(), q = Q[j], o = out[j];
-    std::vector<torch::Tensor> parts;
-    int64_t k = 0;
-    for (int64_t r0 = 0; r0 < G.size(0); r0 += rows, ++k) {
-      const int64_t m = std::min(rows, G.size(0) - r0);
-      const torch::Tensor g = G.narrow(0, r0, m);
-      if (transposed) {   // a block of G's stored rows gives the same rows of (Q^T G)^T
-        torch::Tensor o_rows = o.mT().narrow(0, r0, m);
-        at::mm_out(o_rows, g, q);
-      } else {            // a block's share of the sum over Q's rows (beta 0 first: out's old values ignored)
-        o.addmm_(q.narrow(0, r0, m).mT(), g, k ? 1.0 : 0.0, 1.0);
-      }
-      parts.push_back(at::linalg_vector_norm(g));
-    }
-    norms[j] = at::linalg_vector_norm(at::stack(parts));
-  });
-  return at::stack(norms);
+void check_bucket(const std::vector<torch::Tensor>& mats, const torch::Tensor& Q, const char* what) {
+  for (const auto& t : mats) {
+    check_matrix(t, what);
+    TORCH_CHECK(t.sizes() == mats[0].sizes(), "lordo lowrank_cpu: a bucket's matrices share a shape");
+  }
+  check_matrix(Q, "Q");
+  TORCH_CHECK(Q.dim() == 3 && Q.size(0) == (int64_t)mats.size(), "lordo lowrank_cpu: Q is (matrices, side, rank)");
 }
 
-// Per matrix j, W_j, G_j and R_j as stored, block by block of `rows` stored rows: W_j <- decay W_j - lr Q_j N_j,
-// then in one loop R_j += G_j (when `ef` is given; exact, so its place in the order does not matter) and
-// W_j += qh_j G_j (when `qh` is given). The blocks are independent: threads take whole matrices, or with
-// fewer matrices than threads, runs of a matrix's blocks.
-void apply_lowrank(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> grads,
-                   std::vector<torch::Tensor> ef, torch::Tensor Q, torch::Tensor N, bool transposed, double lr,
-                   double decay, std::vector<double> qh, int64_t rows, bool fma) {
-  const int64_t n = weights.size();
-  for (int64_t j = 0; j < n; ++j) {
-    check_matrix(weights[j], "a weight");
-    check_matrix(grads[j], "a gradient");
-    if (!ef.empty()) check_matrix(ef[j], "an error-feedback buffer");
-    TORCH_CHECK(weights[j].sizes() == weights[0].sizes(), "lordo lowrank_cpu: a bucket's matrices share a shape");
+}  // namespace
+
+// The instruction sets this CPU can run the kernels with, widest first: "avx512", "avx2", "generic".
+std::vector<std::string> isas() {
+  std::vector<std::string> names;
+  for (const auto& i : kIsas) names.push_back(i.name);
+  return names;
+}
+
+// The instruction set the kernels use (the widest, unless switched); `name` (if given) switches to another of
+// `isas()` (the results are the same: tests compare them). Returns the one in use before.
+std::string set_isa(const std::string& name) {
+  const std::string before = isa->name;
+  if (!name.empty()) {
+    auto it = std::find_if(kIsas.begin(), kIsas.end(), [&](const Isa& i) { return i.name == name; });
+    TORCH_CHECK(it != kIsas.end(), "lordo lowrank_cpu: instruction set ", name, " is not available on this CPU");
+    isa = &*it;
   }
-  if (n == 0) return;
-  const int64_t blocks = (weights[0].size(0) + rows - 1) / rows, cols = weights[0].size(1);
-  const int64_t parts = std::min(blocks, (at::get_num_threads() + n - 1) / n), per_part = (blocks + parts - 1) / parts;
-  for_each(n * parts, [&](int64_t item) {
-    const int64_t j = item / parts, first = item % parts * per_part, last = std::min(blocks, first + per_part);
-    const torch::Tensor W = weights[j].detach(), G = grads[j].detach();
-    float* r = ef.empty() ? nullptr : ef[j].data_ptr<float>();
-    // rows of Q N for a block of W's stored rows: Q's rows; for W stored as (Q N)^T = N^T Q^T, N^T's rows
-    const torch::Tensor A = transposed ? N[j].mT() : Q[j], B = transposed ? Q[j].mT() : N[j];
-    for (int64_t k = first; k < last; ++k) {
-      const int64_t r0 = k * rows, m = std::min(rows, W.size(0) - r0), offset = r0 * cols;
-      W.narrow(0, r0, m).addmm_(A.narrow(0, r0, m), B, decay, -lr);
-      if (r || !qh.empty())
-        elementwise(W.data_ptr<float>() + offset, G.data_ptr<float>() + offset, r ? r + offset : nullptr,
-                    m * cols, !qh.empty(), qh.empty() ? 0.f : (float)qh[j], fma);
+  return before;
+}
+
+// Per matrix j of a bucket: out[j] (r x q, oriented) = Q[j]^T G_j and ||G_j||. G_j as stored: p x q, or q x p
+// when `transposed`; out (n, r, q) is laid out like the weights (stored (n, q, r) when `transposed`).
+torch::Tensor project_and_norm(torch::Tensor out, torch::Tensor Q, std::vector<torch::Tensor> grads, bool transposed) {
+  check_bucket(grads, Q, "a gradient");
+  const int64_t n = grads.size(), r = Q.size(2);
+  torch::Tensor norms = torch::empty({n}, Q.options());
+  if (n == 0) return norms;
+  const torch::Tensor stored = transposed ? out.mT() : out;
+  check_matrix(stored, "out (as stored)");
+  const int64_t rows = grads[0].size(0), cols = grads[0].size(1), ldq = (r + 15) / 16 * 16;
+  TORCH_CHECK(stored.size(0) == n && stored.size(1) == (transposed ? rows : r) &&
+                  stored.size(2) == (transposed ? r : cols) && Q.size(1) == (transposed ? cols : rows),
+              "lordo lowrank_cpu: out, Q and the gradients' shapes do not match");
+  float* norm = norms.data_ptr<float>();
+  for_each(n, [&](int64_t j) {
+    const float *G = grads[j].data_ptr<float>(), *q = Q[j].data_ptr<float>();
+    float* o = stored[j].data_ptr<float>();
+    if (!transposed) {
+      norm[j] = std::sqrt(isa->project_rows(o, q, G, rows, cols, r));
+      return;
     }
+    std::vector<float> Qp(cols * ldq, 0.f);   // Q with its rows padded to whole vectors
+    for (int64_t c = 0; c < cols; ++c) std::copy(q + c * r, q + c * r + r, Qp.begin() + c * ldq);
+    norm[j] = std::sqrt(isa->project_cols(o, Qp.data(), ldq, G, rows, cols, r));
+  });
+  return norms;
+}
+
+// The norm of each tensor (contiguous float32, any shape): sums of squares over chunks of a fixed 2^16 entries,
+// chunks side by side on the threads, then added per tensor in order (the same result at any thread count).
+torch::Tensor norms(std::vector<torch::Tensor> tensors) {
+  constexpr int64_t chunk = 1 << 16;
+  std::vector<int64_t> first(tensors.size() + 1, 0);   // each tensor's first chunk
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    check_matrix(tensors[t], "a tensor");
+    first[t + 1] = first[t] + (tensors[t].numel() + chunk - 1) / chunk;
+  }
+  std::vector<float> partial(first.back());
+  for_each(first.back(), [&](int64_t c) {
+    const int64_t t = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1, at = (c - first[t]) * chunk;
+    partial[c] = isa->sum_squares(tensors[t].data_ptr<float>() + at, std::min(chunk, tensors[t].numel() - at));
+  });
+  torch::Tensor out = torch::empty({(int64_t)tensors.size()}, torch::kFloat);
+  float* norm = out.data_ptr<float>();
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    float s = 0.f;
+    for (int64_t c = first[t]; c < first[t + 1]; ++c) s += partial[c];
+    norm[t] = std::sqrt(s);
+  }
+  return out;
+}
+
+// Per matrix j of a bucket, W_j, G_j and R_j as stored: W_j <- decay W_j - lr Q_j N_j (+ qh_j G_j when `qh` is
+// given), R_j += G_j (when `ef` is given). Threads take whole matrices, or runs of a matrix's rows when the bucket
+// has fewer matrices than threads (rows are independent).
+void apply_lowrank(std::vector<torch::Tensor> weights, std::vector<torch::Tensor> grads, std::vector<torch::Tensor> ef,
+                   torch::Tensor Q, torch::Tensor N, bool transposed, double lr, double decay, std::vector<double> qh) {
+  check_bucket(weights, Q, "a weight");
+  check_bucket(grads, Q, "a gradient");
+  if (!ef.empty()) check_bucket(ef, Q, "an error-feedback buffer");
+  const int64_t n = weights.size();
+  if (n == 0) return;
+  TORCH_CHECK(grads.size() == weights.size() && (ef.empty() || ef.size() == weights.size()) &&
+                  (qh.empty() || (int64_t)qh.size() == n),
+              "lordo lowrank_cpu: one gradient, buffer and qh per weight");
+  const int64_t rows = weights[0].size(0), cols = weights[0].size(1), r = Q.size(2);
+  // the rows of Q N for W's stored rows: Q's; for W stored as (Q N)^T = N^T Q^T, N^T's (N is laid out like the
+  // weights, so N^T is as stored)
+  const torch::Tensor A = transposed ? N.mT() : Q, B = transposed ? Q.mT().contiguous() : N;
+  check_matrix(A, transposed ? "N (as stored)" : "Q");
+  check_matrix(B, "N");
+  TORCH_CHECK(A.size(1) == rows && B.size(2) == cols && A.size(2) == r && B.size(1) == r,
+              "lordo lowrank_cpu: Q, N and the weights' shapes do not match");
+  const int64_t parts = std::min<int64_t>(rows, (at::get_num_threads() + n - 1) / n), per = (rows + parts - 1) / parts;
+  for_each(n * parts, [&](int64_t item) {
+    const int64_t j = item / parts, i0 = item % parts * per, i1 = std::min(rows, i0 + per);
+    if (i0 >= i1) return;
+    isa->apply_rows(weights[j].data_ptr<float>(), grads[j].data_ptr<float>(),
+                    ef.empty() ? nullptr : ef[j].data_ptr<float>(), A[j].data_ptr<float>(), B[j].data_ptr<float>(),
+                    cols, r, i0, i1, (float)-lr, (float)decay, qh.empty() ? 0.f : (float)qh[j], !qh.empty());
   });
 }
 
@@ -162,4 +500,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("apply_lowrank", &apply_lowrank, "R += G; W <- decay W - lr Q N + qh G per matrix of a bucket",
         py::call_guard<py::gil_scoped_release>());
+  m.def("norms", &norms, "the norm of each contiguous float32 tensor", py::call_guard<py::gil_scoped_release>());
+  m.def("isas", &isas, "the instruction sets this CPU can run the kernels with, widest first");
+  m.def("set_isa", &set_isa, "the instruction set in use; switch to another this CPU has", py::arg("name") = "");
 }
