@@ -47,9 +47,10 @@ def lowrank_cpu() -> ModuleType | None:
             try:
                 _ninja_on_path()
                 from torch.utils.cpp_extension import load
-                # -ffp-contract=fast: the source writes each product as a * b + c, to be fused (see there)
+                # -ffp-contract=fast: the source writes each product as a * b + c, to be fused (see there);
+                # -fno-math-errno: sqrt as an instruction
                 _built["lowrank_cpu"] = load(NAME, [str(SOURCE)], verbose=False, extra_ldflags=["-fopenmp"],
-                                             extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast"])
+                                             extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"])
             except Exception as e:   # no compiler, no ninja, no Python headers: the eager path instead
                 _built["lowrank_cpu"] = None
                 _error.append(f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}")

@@ -923,31 +923,41 @@ class LoRDO(torch.optim.Optimizer):
                 _project(low[j], b.Q[j], x, b.transposed[j])
         b.fresh = b.projected = False
         b.step += 1
-        u, v = (b.exp_avg, b.exp_avg_sq) if gen is None else (b.exp_avg.to(low.dtype), b.exp_avg_sq.to(low.dtype))
-        u.lerp_(low, 1 - b1)
-        v.mul_(b2).addcmul_(low, low, value=1 - b2)
-        if gen is not None:
-            stochastic_round_(b.exp_avg, u, gen)
-            stochastic_round_(b.exp_avg_sq, v, gen)
-        denom = torch.div(v, 1 - b2**b.step, out=low).sqrt_().add_(eps)    # D, in the workspace
+        bc1, bc2 = 1 - b1**b.step, 1 - b2**b.step
         # the QH term's factor per matrix: -lr (1 - omega) / mean(D), or (update_rms) -lr (1 - omega) ||N|| / ||G^||
         # with N = u_hat / D (||Q N|| = ||N||: Q's columns are orthonormal); the low-rank part is omega N
         by_rms = omega < 1 and self.hparams["qh_scale"] == "update_rms"
-        qh = denom.mean(dim=(1, 2)).reciprocal_() if omega < 1 and not by_rms else None
-        N = torch.div(u, denom, out=low)
         # the step before a synchronization records the QH term's size over the low-rank term's (diagnostics)
         record = omega < 1 and self.hparams["diagnostics"] and (self.steps + 1) % self.hparams["sync_every"] == 0
+        compiled = self._compiled(b, grads)
+        if compiled:   # the moments, sum(D) and ||u / D|| in one pass, leaving (omega / bc1) u / D in the workspace
+            sums = self._kernels.adam_moments(b.exp_avg, b.exp_avg_sq, low, b1, b2, bc2, eps, omega / bc1)
+            denom_mean, n_norm = sums[:, 0] / (low.shape[1] * low.shape[2]), sums[:, 1].sqrt()
+        else:
+            u, v = (b.exp_avg, b.exp_avg_sq) if gen is None else (b.exp_avg.to(low.dtype), b.exp_avg_sq.to(low.dtype))
+            u.lerp_(low, 1 - b1)
+            v.mul_(b2).addcmul_(low, low, value=1 - b2)
+            if gen is not None:
+                stochastic_round_(b.exp_avg, u, gen)
+                stochastic_round_(b.exp_avg_sq, v, gen)
+            denom = torch.div(v, bc2, out=low).sqrt_().add_(eps)    # D, in the workspace
+            denom_mean = denom.mean(dim=(1, 2)) if omega < 1 and not by_rms else None
+            N = torch.div(u, denom, out=low)
+            n_norm = torch.linalg.vector_norm(N, dim=(1, 2)) if by_rms or record else None
+            N.mul_(omega / bc1)
+        N = low
         grad_norms = self._clipped_norms(b, grads) if by_rms or record else None
+        qh = None
         if by_rms:   # ||u_hat / D|| / ||G^||
-            qh = torch.linalg.vector_norm(N, dim=(1, 2)).div_((1 - b1**b.step) * grad_norms.clamp(
-                min=torch.finfo(N.dtype).tiny))
+            qh = n_norm / (bc1 * grad_norms.clamp(min=torch.finfo(N.dtype).tiny))
+        elif omega < 1:
+            qh = denom_mean.reciprocal()
         if qh is not None:
             qh.mul_(-lr * (1 - omega))
-        N.mul_(omega / (1 - b1**b.step))
         if record:   # |qh| ||G^|| / (lr ||omega N||)
-            b.qh_ratio = (qh.abs() * grad_norms / (lr * torch.linalg.vector_norm(N, dim=(1, 2)))).tolist()
+            b.qh_ratio = (qh.abs() * grad_norms / (lr * n_norm * (omega / bc1))).tolist()
         decay = 1 - lr * g["weight_decay"]
-        if self._compiled(b, grads):
+        if compiled:
             self._kernels.apply_lowrank([self.params[i] for i in b.indices], grads, ef if pending else [], b.Q, N,
                                         b.transposed[0], lr, decay, [] if qh is None else qh.tolist())
             return

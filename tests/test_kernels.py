@@ -76,7 +76,8 @@ def flat(state) -> list[torch.Tensor]:
 
 CASES = [("lordo", {}), ("lordo", {"omega": 1.0}), ("lordo", {"error_feedback": False, "weight_decay": 0.1}),
          ("lordo", {"clip": 0.05}), ("lordo", {"qh_scale": "update_rms", "clip": 0.05, "weight_decay": 0.1}),
-         ("lordo", {"clip": 0.05, "nonfinite": "off"}), ("lordo_local", {}), ("lowrank_ddp", {})]
+         ("lordo", {"clip": 0.05, "nonfinite": "off"}), ("lordo", {"diagnostics": True}), ("lordo_local", {}),
+         ("lowrank_ddp", {})]
 
 
 @pytest.mark.parametrize("method,hp", CASES, ids=[f"{m}-{hp}" for m, hp in CASES])
@@ -165,18 +166,33 @@ def kernel_case(shape):
     return W, G, R, Q, N, out, transposed
 
 
+def moments_case(out):
+    """Adam moments laid out like the projection's output (exp_avg_sq >= 0)."""
+    g = torch.Generator().manual_seed(out.numel())
+    stored = out.shape if out.is_contiguous() else out.mT.shape
+    u, v = torch.randn(stored, generator=g), torch.rand(stored, generator=g)
+    return (u, v) if out.is_contiguous() else (u.mT, v.mT)
+
+
+BETAS, MOMENT_ARGS = (0.9, 0.95), dict(bc2=1 - 0.95**3, eps=1e-8, scale=0.7 / (1 - 0.9**3))
+
+
 def run_kernels(shape, isa, threads, qh=(0.1, -0.2, 0.3)):
-    """The projection with its norms, then the update, on the shape's bucket with one instruction set."""
+    """The projection with its norms, the moments on it, then the update, on the shape's bucket with one
+    instruction set."""
     ext = lordo.kernels.lowrank_cpu()
     W, G, R, Q, N, out, transposed = kernel_case(shape)
+    u, v = moments_case(out)
     before = ext.set_isa(isa)
     try:
         with cpu_threads(threads):
             norms = ext.project_and_norm(out, Q, G, transposed)
+            projected = out.clone()
+            sums = ext.adam_moments(u, v, out, *BETAS, *MOMENT_ARGS.values())
             ext.apply_lowrank(W, G, R, Q, N, transposed, 0.01, 0.99, list(qh[:len(W)]))
     finally:
         ext.set_isa(before)
-    return out, norms, W, R
+    return projected, norms, W, R, u, v, out, sums
 
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
@@ -195,8 +211,17 @@ def test_kernels_give_the_same_bits_at_any_thread_count_and_instruction_set(shap
 
 @pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=str)
 def test_kernels_compute_the_step_in_float64_up_to_float32_rounding(shape):
-    out, norms, W_new, R_new = run_kernels(shape, lordo.kernels.lowrank_cpu().isas()[0], 2)
+    out, norms, W_new, R_new, u_new, v_new, low, sums = run_kernels(shape, lordo.kernels.lowrank_cpu().isas()[0], 2)
     W, G, R, Q, N, _, transposed = kernel_case(shape)
+    u, v = (x.double() for x in moments_case(out))
+    (b1, b2), a = BETAS, MOMENT_ARGS
+    u_exp = b1 * u + (1 - b1) * out.double()
+    v_exp = b2 * v + (1 - b2) * out.double() ** 2
+    D = (v_exp / a["bc2"]).sqrt() + a["eps"]
+    for got, expected in [(u_new, u_exp), (v_new, v_exp), (low, a["scale"] * u_exp / D)]:
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
+    torch.testing.assert_close(sums.double(), torch.stack([D.sum(dim=(1, 2)), (u_exp / D).square().sum(dim=(1, 2))], 1),
+                               rtol=1e-5, atol=0)
     for j in range(len(W)):
         Gd, Wd, Qd, Nd = (x.double() for x in (G[j], W[j], Q[j], N[j]))
         oriented = Gd.mT if transposed else Gd

@@ -314,6 +314,56 @@ LORDO_INLINE void apply_rows(float* W, const float* G, float* R, const float* A,
   for (; i < i1; ++i) apply_block<T, 1>(W, G, R, A, B, C, r, i, i1, neg_lr, decay, qh, has_qh);
 }
 
+// ---- the Adam moments of one matrix's r x q low-rank gradient g, in place, in one pass: u <- u + (1 - b1)(g - u),
+// v <- b2 v + (1 - b2) g g, D = sqrt(v / bc2) + eps, g's storage <- scale u / D. sums[0] = sum(D),
+// sums[1] = sum((u / D)^2), each in 64 lanes (then lane by lane, as `SumSq`).
+template <class T>
+LORDO_INLINE void moments(float* u, float* v, float* g, int64_t n, float b1, float b2, float bc2, float eps,
+                          float scale, float* sums) {
+  constexpr bool C = T::contract;
+  const float w1 = 1.f - b1, w2 = 1.f - b2;
+  const int64_t n64 = n / 64 * 64;
+  v16 d_sum[4] = {}, n_sum[4] = {};
+  for (int64_t i = 0; i < n64; i += 64)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {
+      const int64_t o = i + 16 * k;
+      const v16 gk = load(g + o), uk = load(u + o);
+      const v16 un = fmadd<C>(w1, gk - uk, uk);
+      const v16 vn = fmadd<C>(w2, fmadd<C>(gk, gk, v16{}), fmadd<C>(b2, load(v + o), v16{}));
+      const v16 vb = vn / bc2;
+      v16 d;
+#pragma GCC unroll 16
+      for (int l = 0; l < 16; ++l) d[l] = __builtin_sqrtf(vb[l]);
+      d = d + eps;
+      const v16 nk = un / d;
+      store(u + o, un);
+      store(v + o, vn);
+      store(g + o, fmadd<C>(scale, nk, v16{}));
+      d_sum[k] = d_sum[k] + d;
+      n_sum[k] = fmadd<C>(nk, nk, n_sum[k]);
+    }
+  float d_tail = 0.f, n_tail = 0.f;
+  for (int64_t i = n64; i < n; ++i) {
+    const float un = __builtin_fmaf(w1, g[i] - u[i], u[i]);
+    const float vn = __builtin_fmaf(w2, __builtin_fmaf(g[i], g[i], 0.f), __builtin_fmaf(b2, v[i], 0.f));
+    const float d = __builtin_sqrtf(vn / bc2) + eps, nk = un / d;
+    u[i] = un;
+    v[i] = vn;
+    g[i] = __builtin_fmaf(scale, nk, 0.f);
+    d_tail += d;
+    n_tail = __builtin_fmaf(nk, nk, n_tail);
+  }
+  const v16 d_all = (d_sum[0] + d_sum[1]) + (d_sum[2] + d_sum[3]), n_all = (n_sum[0] + n_sum[1]) + (n_sum[2] + n_sum[3]);
+  float ds = 0.f, ns = 0.f;
+  for (int l = 0; l < 16; ++l) {
+    ds += d_all[l];
+    ns += n_all[l];
+  }
+  sums[0] = ds + d_tail;
+  sums[1] = ns + n_tail;
+}
+
 // ---- one entry point per instruction set, each compiled for it (the templates above are inlined into it)
 #define LORDO_ENTRY_POINTS(suffix, T)                                                                              \
   float project_rows_##suffix(float* out, const float* Q, const float* G, int64_t p, int64_t q, int64_t r) {     \
@@ -322,6 +372,10 @@ LORDO_INLINE void apply_rows(float* W, const float* G, float* R, const float* A,
   float project_cols_##suffix(float* outT, const float* Qp, int64_t ldq, const float* G, int64_t m, int64_t n,   \
                               int64_t r) {                                                                       \
     return project_cols<T>(outT, Qp, ldq, G, m, n, r);                                                          \
+  }                                                                                                              \
+  void moments_##suffix(float* u, float* v, float* g, int64_t n, float b1, float b2, float bc2, float eps,          \
+                        float scale, float* sums) {                                                              \
+    moments<T>(u, v, g, n, b1, b2, bc2, eps, scale, sums);                                                      \
   }                                                                                                              \
   float sum_squares_##suffix(const float* x, int64_t n) {                                                       \
     SumSq<T::contract> norm;                                                                                     \
@@ -351,6 +405,7 @@ struct Isa {
   decltype(&project_cols_generic) project_cols;
   decltype(&apply_rows_generic) apply_rows;
   decltype(&sum_squares_generic) sum_squares;
+  decltype(&moments_generic) moments;
 };
 
 std::vector<Isa> available() {
@@ -358,11 +413,11 @@ std::vector<Isa> available() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"))
-    isas.push_back({"avx512", project_rows_avx512, project_cols_avx512, apply_rows_avx512, sum_squares_avx512});
+    isas.push_back({"avx512", project_rows_avx512, project_cols_avx512, apply_rows_avx512, sum_squares_avx512, moments_avx512});
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    isas.push_back({"avx2", project_rows_avx2, project_cols_avx2, apply_rows_avx2, sum_squares_avx2});
+    isas.push_back({"avx2", project_rows_avx2, project_cols_avx2, apply_rows_avx2, sum_squares_avx2, moments_avx2});
 #endif
-  isas.push_back({"generic", project_rows_generic, project_cols_generic, apply_rows_generic, sum_squares_generic});
+  isas.push_back({"generic", project_rows_generic, project_cols_generic, apply_rows_generic, sum_squares_generic, moments_generic});
   return isas;
 }
 
@@ -464,6 +519,25 @@ torch::Tensor norms(std::vector<torch::Tensor> tensors) {
   return out;
 }
 
+// The Adam moments of a bucket's low-rank gradients in place (`moments` above; low <- scale u / D), per matrix j:
+// (sum of D, sum of (u / D)^2). u, v and low are (n, r, q), laid out alike (stored contiguous or transposed).
+torch::Tensor adam_moments(torch::Tensor u, torch::Tensor v, torch::Tensor low, double b1, double b2, double bc2,
+                           double eps, double scale) {
+  TORCH_CHECK(u.sizes() == v.sizes() && u.sizes() == low.sizes() && u.dim() == 3 && u.strides() == v.strides() &&
+                  u.strides() == low.strides(),
+              "lordo lowrank_cpu: the moments and the low-rank gradients share a shape and a layout");
+  const bool transposed = !u.is_contiguous();
+  const torch::Tensor su = transposed ? u.mT() : u, sv = transposed ? v.mT() : v, sl = transposed ? low.mT() : low;
+  for (const auto* t : {&su, &sv, &sl}) check_matrix(*t, "a moment (as stored)");
+  const int64_t n = u.size(0), each = u.size(1) * u.size(2);
+  torch::Tensor sums = torch::empty({n, 2}, torch::kFloat);
+  float *pu = su.data_ptr<float>(), *pv = sv.data_ptr<float>(), *pl = sl.data_ptr<float>(), *ps = sums.data_ptr<float>();
+  for_each(n, [&](int64_t j) {
+    isa->moments(pu + j * each, pv + j * each, pl + j * each, each, b1, b2, bc2, eps, scale, ps + 2 * j);
+  });
+  return sums;
+}
+
 // Per matrix j of a bucket, W_j, G_j and R_j as stored: W_j <- decay W_j - lr Q_j N_j (+ qh_j G_j when `qh` is
 // given), R_j += G_j (when `ef` is given). Threads take whole matrices, or runs of a matrix's rows when the bucket
 // has fewer matrices than threads (rows are independent).
@@ -499,6 +573,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("project_and_norm", &project_and_norm, "Q^T G and ||G|| per matrix of a bucket",
         py::call_guard<py::gil_scoped_release>());
   m.def("apply_lowrank", &apply_lowrank, "R += G; W <- decay W - lr Q N + qh G per matrix of a bucket",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("adam_moments", &adam_moments, "the Adam moments of a bucket's low-rank gradients, in one pass",
         py::call_guard<py::gil_scoped_release>());
   m.def("norms", &norms, "the norm of each contiguous float32 tensor", py::call_guard<py::gil_scoped_release>());
   m.def("isas", &isas, "the instruction sets this CPU can run the kernels with, widest first");
