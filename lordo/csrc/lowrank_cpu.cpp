@@ -1,13 +1,14 @@
 // The full-size part of LoRDO's low-rank step on CPU, for float32 matrices (lordo/optim.py calls it per bucket
-// of same-shape matrices): Q^T G with the norm of G, then W <- decay W - lr Q N (+ qh G) and R += G. Each reads
-// the matrices from memory once, the rank-r products computed in registers beside that pass (a BLAS product
-// reads its operands apart from the step's element-wise passes; the eager path makes one pass per operation).
-// Built on first use by lordo/kernels.py.
+// of same-shape matrices): Q^T G with the norm of G, the Adam moments of the r x q result, then
+// W <- decay W - lr Q N (+ qh G) and R += G; and the other gradients' norms. Each reads the matrices from memory
+// once, the rank-r products computed in registers beside that pass (a BLAS product reads its operands apart
+// from the step's element-wise passes; the eager path makes one pass per operation). Built on first use by
+// lordo/kernels.py.
 //
 // Rounding, fixed by the definition rather than by the tiling: each entry of a product is a sum over i (rows of
-// G, columns of G, or the rank) in ascending order with one fused multiply-add per term; a norm is 64 partial
-// sums of squares over the stored rows in order (`SumSq`); W's update is three FMAs, W decay, then -lr (Q N),
-// then qh G. So the results are the same at any thread count and with AVX-512, AVX2 or plain C++ (`set_isa`;
+// G, columns of G, or the rank) in ascending order with one fused multiply-add per term; a norm or a sum over a
+// matrix is 64 partial sums in a fixed order (`SumSq`); W's update is three FMAs, W decay, then -lr (Q N), then
+// qh G. So the results are the same at any thread count and with AVX-512, AVX2 or plain C++ (`set_isa`;
 // tests/test_kernels.py compares them), and differ from the eager path's (BLAS products) in the last bits.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -63,14 +64,14 @@ struct Wide {     // 32 vector registers of 16 floats (AVX-512)
   static constexpr int rows_k = 12, rows_vecs = 2, rows_block = 32;   // project over rows: k x vecs accumulators
   static constexpr int cols_vecs = 6;                                  // project over columns: rank per pass / 16
   static constexpr int cols_rows(int vecs) { return vecs == 1 ? 16 : 24 / vecs; }
-  static constexpr int apply_rows = 4, apply_vecs = 4;
+  static constexpr int apply_rows = 4, apply_vecs = 4, apply_chunk = 16;   // update: rows x vecs accumulators
 };
 struct Narrow {   // 16 vector registers of 8 floats (AVX2)
   static constexpr bool contract = true;
   static constexpr int rows_k = 6, rows_vecs = 1, rows_block = 32;
   static constexpr int cols_vecs = 2;
   static constexpr int cols_rows(int vecs) { return vecs == 1 ? 4 : 2; }
-  static constexpr int apply_rows = 2, apply_vecs = 2;
+  static constexpr int apply_rows = 2, apply_vecs = 2, apply_chunk = 16;
 };
 
 struct Plain : Narrow {   // any CPU: FMA per lane from the C library where the CPU has none
@@ -285,33 +286,39 @@ LORDO_INLINE void apply_tile(float* W, const float* G, float* R, const float* A,
     }
 }
 
-template <class T, int RB>
-LORDO_INLINE void apply_block(float* W, const float* G, float* R, const float* A, const float* B, int64_t C, int64_t r,
-                              int64_t i0, int64_t i1, float neg_lr, float decay, float qh, bool has_qh) {
-  constexpr int V = T::apply_vecs;
-  const int64_t c_tiles = C / (16 * V) * (16 * V), c16 = C / 16 * 16;
-  for (int64_t c = 0; c < c_tiles; c += 16 * V)
-    apply_tile<T, RB, V>(W, G, R, A, B, C, r, i0, i1, c, neg_lr, decay, qh, has_qh);
-  for (int64_t c = c_tiles; c < c16; c += 16) apply_tile<T, RB, 1>(W, G, R, A, B, C, r, i0, i1, c, neg_lr, decay, qh, has_qh);
-  for (int64_t i = i0; i < i0 + RB; ++i)
-    for (int64_t c = c16; c < C; ++c) {
-      float s = 0.f;
-      for (int64_t k = 0; k < r; ++k) s = __builtin_fmaf(A[i * r + k], B[k * C + c], s);
-      const int64_t o = i * C + c;
-      float w = __builtin_fmaf(s, neg_lr, __builtin_fmaf(W[o], decay, 0.f));
-      if (has_qh) w = __builtin_fmaf(G[o], qh, w);
-      W[o] = w;
-      if (R) R[o] += G[o];
-    }
-}
-
 template <class T>
 LORDO_INLINE void apply_rows(float* W, const float* G, float* R, const float* A, const float* B, int64_t C, int64_t r,
                              int64_t i0, int64_t i1, float neg_lr, float decay, float qh, bool has_qh) {
-  constexpr int RB = T::apply_rows;
-  int64_t i = i0;
-  for (; i + RB <= i1; i += RB) apply_block<T, RB>(W, G, R, A, B, C, r, i, i1, neg_lr, decay, qh, has_qh);
-  for (; i < i1; ++i) apply_block<T, 1>(W, G, R, A, B, C, r, i, i1, neg_lr, decay, qh, has_qh);
+  constexpr int RB = T::apply_rows, V = T::apply_vecs;
+  const int64_t c_tiles = C / (16 * V) * (16 * V), c16 = C / 16 * 16;
+  // a chunk of rows at a time, column tile by column tile: the tile's columns of B stay in L1 down the chunk
+  for (int64_t lo = i0; lo < i1; lo += T::apply_chunk) {
+    const int64_t hi = std::min(i1, lo + T::apply_chunk), blocks_end = lo + (hi - lo) / RB * RB;
+    for (int64_t c = 0; c < c16; c += c < c_tiles ? 16 * V : 16) {
+      for (int64_t i = lo; i < blocks_end; i += RB) {
+        if (c < c_tiles)
+          apply_tile<T, RB, V>(W, G, R, A, B, C, r, i, hi, c, neg_lr, decay, qh, has_qh);
+        else
+          apply_tile<T, RB, 1>(W, G, R, A, B, C, r, i, hi, c, neg_lr, decay, qh, has_qh);
+      }
+      for (int64_t i = blocks_end; i < hi; ++i) {
+        if (c < c_tiles)
+          apply_tile<T, 1, V>(W, G, R, A, B, C, r, i, hi, c, neg_lr, decay, qh, has_qh);
+        else
+          apply_tile<T, 1, 1>(W, G, R, A, B, C, r, i, hi, c, neg_lr, decay, qh, has_qh);
+      }
+    }
+    for (int64_t i = lo; i < hi; ++i)
+      for (int64_t c = c16; c < C; ++c) {
+        float s = 0.f;
+        for (int64_t k = 0; k < r; ++k) s = __builtin_fmaf(A[i * r + k], B[k * C + c], s);
+        const int64_t o = i * C + c;
+        float w = __builtin_fmaf(s, neg_lr, __builtin_fmaf(W[o], decay, 0.f));
+        if (has_qh) w = __builtin_fmaf(G[o], qh, w);
+        W[o] = w;
+        if (R) R[o] += G[o];
+      }
+  }
 }
 
 // ---- the Adam moments of one matrix's r x q low-rank gradient g, in place, in one pass: u <- u + (1 - b1)(g - u),
