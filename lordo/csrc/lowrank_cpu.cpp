@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -31,29 +32,23 @@ LORDO_INLINE v16 load(const float* p) {
   return v;
 }
 LORDO_INLINE void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-// a * b + c rounded once per lane. Built with -ffp-contract=fast, and every product in these kernels written as
-// one of these, so the compiler fuses each and nothing else into an FMA instruction (the tests compare this
-// with the per-lane fmaf below, which the plain build uses: a CPU without FMA instructions has no fused form).
-template <bool Contract>
-LORDO_INLINE v16 fmadd(v16 a, v16 b, v16 c) {
+// a * b + c rounded once per lane, a a vector or a scalar (written as scalar times vector: compilers broadcast
+// it from memory into the FMA). Built with -ffp-contract=fast, and every product in these kernels written as one
+// of these, so the compiler fuses each and nothing else into an FMA instruction (the tests compare this with the
+// per-lane fmaf below, which the plain build uses: a CPU without FMA instructions has no fused form).
+template <bool Contract, class A>
+LORDO_INLINE v16 fmadd(A a, v16 b, v16 c) {
   if constexpr (Contract) {
     return a * b + c;
   } else {
     v16 out;
 #pragma GCC unroll 16
-    for (int l = 0; l < 16; ++l) out[l] = __builtin_fmaf(a[l], b[l], c[l]);
-    return out;
-  }
-}
-// the same with a scalar a (written as scalar times vector: compilers broadcast it from memory into the FMA)
-template <bool Contract>
-LORDO_INLINE v16 fmadd(float a, v16 b, v16 c) {
-  if constexpr (Contract) {
-    return a * b + c;
-  } else {
-    v16 out;
-#pragma GCC unroll 16
-    for (int l = 0; l < 16; ++l) out[l] = __builtin_fmaf(a, b[l], c[l]);
+    for (int l = 0; l < 16; ++l) {
+      if constexpr (std::is_same_v<A, float>)
+        out[l] = __builtin_fmaf(a, b[l], c[l]);
+      else
+        out[l] = __builtin_fmaf(a[l], b[l], c[l]);
+    }
     return out;
   }
 }
@@ -77,6 +72,18 @@ struct Narrow {   // 16 vector registers of 8 floats (AVX2)
 struct Plain : Narrow {   // any CPU: FMA per lane from the C library where the CPU has none
   static constexpr bool contract = false;
 };
+
+// One step of a register tile: acc[a][v] += x[a * stride] * b[16 v ...], the scalars broadcast, b's vectors
+// loaded once. Every product below is a sequence of these steps, in ascending order of the summed index.
+template <class T, int RB, int V>
+LORDO_INLINE void tile_step(v16 (&acc)[RB][V], const float* x, int64_t stride, const float* b) {
+  v16 bv[V];
+#pragma GCC unroll 32
+  for (int v = 0; v < V; ++v) bv[v] = load(b + 16 * v);
+#pragma GCC unroll 32
+  for (int a = 0; a < RB; ++a)
+    for (int v = 0; v < V; ++v) acc[a][v] = fmadd<T::contract>(x[a * stride], bv[v], acc[a][v]);
+}
 
 // Sum of squares of rows in order: 64 lanes over each row's 64-column groups (4 vectors, independent chains),
 // the rest of its 16-column groups in the first vectors, the rest of the row in one sum; then lane by lane.
@@ -123,15 +130,7 @@ LORDO_INLINE void project_rows_tile(float* out, const float* Q, const float* G, 
 #pragma GCC unroll 32
   for (int k = 0; k < K; ++k)
     for (int v = 0; v < V; ++v) acc[k][v] = First ? v16{} : load(out + (k0 + k) * q + c + 16 * v);
-  for (int64_t i = i0; i < i1; ++i) {
-    v16 g[V];
-#pragma GCC unroll 32
-    for (int v = 0; v < V; ++v) g[v] = load(G + i * q + c + 16 * v);
-    const float* qi = Q + i * r + k0;
-#pragma GCC unroll 32
-    for (int k = 0; k < K; ++k)
-      for (int v = 0; v < V; ++v) acc[k][v] = fmadd<T::contract>(qi[k], g[v], acc[k][v]);
-  }
+  for (int64_t i = i0; i < i1; ++i) tile_step<T, K, V>(acc, Q + i * r + k0, 1, G + i * q + c);
 #pragma GCC unroll 32
   for (int k = 0; k < K; ++k)
     for (int v = 0; v < V; ++v) store(out + (k0 + k) * q + c + 16 * v, acc[k][v]);
@@ -196,11 +195,7 @@ LORDO_INLINE void project_cols_tile(float* outT, const float* Qp, int64_t ldq, c
     if ((c & 15) == 0)   // each row four lines ahead
 #pragma GCC unroll 32
       for (int a = 0; a < RB; ++a) __builtin_prefetch(G + (j0 + a) * n + c + 64, 0, 3);
-    v16 qv[RV];
-#pragma GCC unroll 32
-    for (int v = 0; v < RV; ++v) qv[v] = load(Qp + c * ldq + k0 + 16 * v);
-    for (int a = 0; a < RB; ++a)
-      for (int v = 0; v < RV; ++v) acc[a][v] = fmadd<T::contract>(G[(j0 + a) * n + c], qv[v], acc[a][v]);
+    tile_step<T, RB, RV>(acc, G + j0 * n + c, n, Qp + c * ldq + k0);
   }
 #pragma GCC unroll 32
   for (int a = 0; a < RB; ++a) {
@@ -266,13 +261,7 @@ LORDO_INLINE void apply_tile(float* W, const float* G, float* R, const float* A,
         __builtin_prefetch(G + o, 0, 2);
         if (R) __builtin_prefetch(R + o, 1, 2);
       }
-  for (int64_t k = 0; k < r; ++k) {
-    v16 b[V];
-#pragma GCC unroll 32
-    for (int v = 0; v < V; ++v) b[v] = load(B + k * C + c + 16 * v);
-    for (int a = 0; a < RB; ++a)
-      for (int v = 0; v < V; ++v) acc[a][v] = fmadd<T::contract>(A[(i0 + a) * r + k], b[v], acc[a][v]);
-  }
+  for (int64_t k = 0; k < r; ++k) tile_step<T, RB, V>(acc, A + i0 * r + k, r, B + k * C + c);
 #pragma GCC unroll 32
   for (int a = 0; a < RB; ++a)
     for (int v = 0; v < V; ++v) {
