@@ -28,11 +28,12 @@ sweep that adds G to R and -lr Q N (weight decay as the product's beta) and the 
 (`_apply_lowrank_`). On a one-thread CPU a visit goes by blocks of rows that stay in cache between
 its operations, so from memory G is read twice and R and W once each read and written: 6 full-size
 passes, against 7 for fused AdamW (one pass after another, as before, made 10, 12 with weight decay).
-On a CPU in float32 both visits run in compiled kernels (`lordo.kernels`, built on first use; `fused=False`
-keeps the eager path, `fused=True` insists on the kernels): each reads a matrix from memory once and computes
-its rank-r product in registers on the way, where the eager path's BLAS products and element-wise passes read
-it separately (20-25% off the step). Their sums go in a fixed order, so their results do not depend on the
-thread count or the instruction set; they round differently from the eager path in the last bits.
+On a CPU in float32 both visits, and the low-rank moments between them, run in compiled kernels
+(`lordo.kernels`, built on first use; `fused=False` keeps the eager path, `fused=True` insists on the
+kernels): each reads a matrix from memory once and computes its rank-r product in registers on the way,
+where the eager path's BLAS products and element-wise passes read it separately (a quarter off the step).
+Their sums go in a fixed order, so their results do not depend on the thread count or the instruction set;
+they round differently from the eager path in the last bits.
 
 Memory options. `state_dtype="bfloat16"` stores every moment (low-rank and AdamW) and the error
 feedback in bfloat16: the arithmetic stays in the parameters' precision (float32 or wider) and only
@@ -942,10 +943,10 @@ class LoRDO(torch.optim.Optimizer):
                 stochastic_round_(b.exp_avg_sq, v, gen)
             denom = torch.div(v, bc2, out=low).sqrt_().add_(eps)    # D, in the workspace
             denom_mean = denom.mean(dim=(1, 2)) if omega < 1 and not by_rms else None
-            N = torch.div(u, denom, out=low)
-            n_norm = torch.linalg.vector_norm(N, dim=(1, 2)) if by_rms or record else None
-            N.mul_(omega / bc1)
-        N = low
+            torch.div(u, denom, out=low)                                      # u / D
+            n_norm = torch.linalg.vector_norm(low, dim=(1, 2)) if by_rms or record else None
+            low.mul_(omega / bc1)
+        N = low     # (omega / bc1) u / D: omega N of the comment above
         grad_norms = self._clipped_norms(b, grads) if by_rms or record else None
         qh = None
         if by_rms:   # ||u_hat / D|| / ||G^||
