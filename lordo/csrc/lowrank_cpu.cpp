@@ -85,6 +85,15 @@ LORDO_INLINE void tile_step(v16 (&acc)[RB][V], const float* x, int64_t stride, c
     for (int v = 0; v < V; ++v) acc[a][v] = fmadd<T::contract>(x[a * stride], bv[v], acc[a][v]);
 }
 
+// 64 lanes' partial sums and a scalar one, added in a fixed order: vector pairs, then lane by lane, then the tail.
+LORDO_INLINE float total(const v16 (&lanes)[4], float tail) {
+  const v16 sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  float s = 0.f;
+#pragma GCC unroll 32
+  for (int l = 0; l < 16; ++l) s += sum[l];
+  return s + tail;
+}
+
 // Sum of squares of rows in order: 64 lanes over each row's 64-column groups (4 vectors, independent chains),
 // the rest of its 16-column groups in the first vectors, the rest of the row in one sum; then lane by lane.
 template <bool Contract>
@@ -112,13 +121,7 @@ struct SumSq {
     for (int v = 0; v < 4; ++v) lanes[v] = a[v];
     tail = t;
   }
-  float value() const {
-    const v16 sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-    float s = 0.f;
-#pragma GCC unroll 32
-    for (int l = 0; l < 16; ++l) s += sum[l];
-    return s + tail;
-  }
+  float value() const { return total(lanes, tail); }
 };
 
 // ---- out (r x q) = Q^T G for G stored p x q, Q p x r: out accumulates block by block of G's rows (it stays in
@@ -312,7 +315,7 @@ LORDO_INLINE void apply_rows(float* W, const float* G, float* R, const float* A,
 
 // ---- the Adam moments of one matrix's r x q low-rank gradient g, in place, in one pass: u <- u + (1 - b1)(g - u),
 // v <- b2 v + (1 - b2) g g, D = sqrt(v / bc2) + eps, g's storage <- scale u / D. sums[0] = sum(D),
-// sums[1] = sum((u / D)^2), each in 64 lanes (then lane by lane, as `SumSq`).
+// sums[1] = sum((u / D)^2), each in 64 lanes added by `total`.
 template <class T>
 LORDO_INLINE void moments(float* u, float* v, float* g, int64_t n, float b1, float b2, float bc2, float eps,
                           float scale, float* sums) {
@@ -350,14 +353,8 @@ LORDO_INLINE void moments(float* u, float* v, float* g, int64_t n, float b1, flo
     d_tail += d;
     n_tail = __builtin_fmaf(nk, nk, n_tail);
   }
-  const v16 d_all = (d_sum[0] + d_sum[1]) + (d_sum[2] + d_sum[3]), n_all = (n_sum[0] + n_sum[1]) + (n_sum[2] + n_sum[3]);
-  float ds = 0.f, ns = 0.f;
-  for (int l = 0; l < 16; ++l) {
-    ds += d_all[l];
-    ns += n_all[l];
-  }
-  sums[0] = ds + d_tail;
-  sums[1] = ns + n_tail;
+  sums[0] = total(d_sum, d_tail);
+  sums[1] = total(n_sum, n_tail);
 }
 
 // ---- one entry point per instruction set, each compiled for it (the templates above are inlined into it)
