@@ -50,6 +50,7 @@ lab: env
 
 bench: env
 	$(BIN)/python benchmarks/optimizer_step.py
+	$(BIN)/python benchmarks/projection_refresh.py
 	$(BIN)/python benchmarks/trainer_throughput.py
 
 # Removes executed notebooks, result tables and tool caches; never the cached runs (runs/), the cached sweeps (sweeps/)

@@ -61,24 +61,27 @@ class DistComm:
         dist.barrier(group=self.group)
 
 
-def init_distributed() -> tuple[DistComm, torch.device]:
+def init_distributed(device: str | torch.device | None = None) -> tuple[DistComm, torch.device]:
     """Join the process group torchrun describes in the environment; return (comm, device).
 
-    NCCL with one GPU per local rank when CUDA is there, gloo on CPU (one thread per rank,
-    since ranks share the cores).
+    device: "cuda" (the default where CUDA is available): NCCL, one GPU per local rank; "cpu": gloo, one
+    thread per rank, since ranks share the cores.
     """
     if "RANK" not in os.environ:
         raise RuntimeError("init_distributed() needs torchrun's environment (RANK, WORLD_SIZE, ...); "
                            "start the script with `torchrun --nproc-per-node N ...`")
-    if torch.cuda.is_available():
+    kind = torch.device(device).type if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
-    else:
+    elif kind == "cpu":
         device = torch.device("cpu")
         torch.set_num_threads(1)
         backend = "gloo"
+    else:
+        raise ValueError(f"device={device!r} is invalid for torchrun ranks: allowed cuda or cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistComm(), device

@@ -296,6 +296,11 @@ class TrainConfig:
         return make_config(self.to_dict(), **changes)
 
     @property
+    def ranks_per_node(self) -> int:
+        """torchrun's local ranks on each node."""
+        return self.nproc_per_node or self.workers // self.nnodes
+
+    @property
     def tokens_per_step(self) -> int:
         return self.workers * self.batch_size * self.grad_accum * self.seq_len
 
@@ -387,7 +392,7 @@ def _validate(c: TrainConfig) -> None:
           "more with --launcher torchrun over several nodes")
     check(c.node_rank < c.nnodes, "node_rank", c.node_rank, f"an int in [0, nnodes - 1 = {c.nnodes - 1}]")
     if c.launcher == "torchrun":
-        nproc = c.nproc_per_node or c.workers // c.nnodes
+        nproc = c.ranks_per_node
         check(nproc * c.nnodes == c.workers, "nproc_per_node", c.nproc_per_node,
               f"nproc_per_node * nnodes == workers ({c.workers})")
         check(nproc <= MAX_LOCAL_WORKERS, "workers" if c.nproc_per_node is None else "nproc_per_node", nproc,

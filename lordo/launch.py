@@ -53,8 +53,8 @@ STOP_GRACE_S = 60   # after Ctrl-C, how long the ranks get to stop before they a
 
 
 def torchrun_command(cfg: TrainConfig, run_dir: Path, start: int | None, stop_at: int | None) -> list[str]:
-    nproc = cfg.nproc_per_node or cfg.workers // cfg.nnodes
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={cfg.nnodes}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.ranks_per_node}",
+           f"--nnodes={cfg.nnodes}"]
     if cfg.nnodes > 1 or cfg.rdzv_endpoint:
         cmd += [f"--node-rank={cfg.node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}",
                 f"--rdzv-id=lordo-{cfg.hash()}"]
@@ -189,6 +189,20 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def check_ranks_fit(cfg: TrainConfig, device: torch.device) -> None:
+    """torchrun's ranks on this node each need a device of their own kind: one GPU per rank (NCCL refuses two
+    ranks on one GPU), or the CPU (gloo)."""
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"config field device={cfg.device!r} is invalid with launcher='torchrun': allowed cuda "
+                         "or cpu (--launcher sim runs workers on any device)")
+    gpus = torch.cuda.device_count() if device.type == "cuda" else None
+    if gpus is not None and cfg.ranks_per_node > gpus:
+        field, value = ("nproc_per_node", cfg.nproc_per_node) if cfg.nproc_per_node else ("workers", cfg.workers)
+        raise ValueError(f"config field {field}={value} is invalid here: torchrun would start {cfg.ranks_per_node} "
+                         f"ranks on this node, one per GPU, and it has {gpus}; allowed at most {gpus} per node "
+                         "(--launcher sim runs the workers as threads on one device)")
+
+
 def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = False, resume: bool | None = None,
           stop_at: int | None = None, **fields: Any) -> Run:
     """Train (or load the cached result of) one configuration; returns the finished Run.
@@ -210,7 +224,9 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
         if cached.summary.get("config_hash") == cfg.hash():
             return cached
     check_claimable(run_dir)
-    resolve_device(cfg)
+    device = resolve_device(cfg)
+    if cfg.launcher == "torchrun":
+        check_ranks_fit(cfg, device)
     data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens)
     model = asdict(model_config(cfg.preset, data.vocab_size, cfg.seq_len))
     with RunLock(run_dir) as lock, sigterm_as_ctrl_c():
@@ -246,9 +262,7 @@ def main_worker(run_dir: str, start: int | None, stop_at: int | None) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     _, cfg = read_saved_config(run_dir_path)
-    comm, device = init_distributed()
-    if cfg.device != "auto":
-        device = torch.device(cfg.device) if device.type == "cpu" else device
+    comm, device = init_distributed(resolve_device(cfg))
     try:
         # the launching process prepared and verified the cache; ranks check sizes, not 30 GB of hashes
         data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens, verify=False)

@@ -35,9 +35,27 @@ def canonical_signs(Q: torch.Tensor) -> torch.Tensor:
 
 
 def _top_left_singular(W: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-`rank` left singular vectors of a tall, thin stack W (n, p, l): QR, then the l x l SVD of R."""
+    """Top-`rank` left singular vectors of a tall, thin stack W (n, p, l): QR, then the l x l SVD of R. On CUDA
+    cuSOLVER's batched tall-and-thin SVD (gesvda) first, in one call: torch's batched QR and SVD loop over the
+    matrices there, 20-90 times slower on an H200 (benchmarks/README.md, "GPU")."""
+    if W.is_cuda and torch.version.hip is None:
+        U = _gesvda(W, rank)
+        if U is not None:
+            return U
     Qw, R = torch.linalg.qr(W)
     return Qw @ torch.linalg.svd(R)[0][..., :rank]
+
+
+def _gesvda(W: torch.Tensor, rank: int, tol: float = 1e-4) -> torch.Tensor | None:
+    """gesvda's top-`rank` left singular vectors, or None where it cannot give them: it works from W^T W, so on
+    a (nearly) rank-deficient W (a zero matrix in the stack, a matrix of rank below l) it fails to converge or
+    returns columns that are not orthonormal (both seen on an H200). The check costs one (n, r, r) product."""
+    try:
+        U = torch.linalg.svd(W, full_matrices=False, driver="gesvda")[0][..., :rank]
+    except torch.linalg.LinAlgError:
+        return None
+    defect = (U.mT @ U - torch.eye(rank, dtype=U.dtype, device=U.device)).abs().amax()
+    return U if bool(defect <= tol) else None
 
 
 def compute_projection(X: torch.Tensor, rank: int, method: str = "power", *, prev: torch.Tensor | None = None,
@@ -51,7 +69,7 @@ def compute_projection(X: torch.Tensor, rank: int, method: str = "power", *, pre
                columns, so `iters` products track a slowly moving subspace (as PowerSGD does) while
                the extra columns let new directions in; without `prev` it is `randomized`
     Each product reads X twice and costs as much as an optimizer step's matmuls, so nothing else does:
-    the last W's own SVD (QR, then the small l x l SVD of R) gives the basis, ordered by sigma^2,
+    the last W's own SVD (`_top_left_singular`) gives the basis, ordered by sigma^2,
     instead of a Rayleigh-Ritz product with X. Computed in float32 at least; returned in X's dtype.
     """
     if method not in PROJ_METHODS:

@@ -39,6 +39,6 @@ def run_methods(comm, comm_dtype: str, state_dtype: str) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
-    comm, _ = init_distributed()
+    comm, _ = init_distributed("cpu")   # gloo, also on a GPU machine
     torch.save(run_methods(comm, sys.argv[2], sys.argv[3]), f"{sys.argv[1]}/rank{comm.rank}.pt")
     torch.distributed.destroy_process_group()

@@ -98,7 +98,7 @@ def trainer_run(rank: int, out: str) -> dict:
 
 
 if __name__ == "__main__":
-    comm, _ = init_distributed()
+    comm, _ = init_distributed("cpu")   # gloo, also on a GPU machine (use_cpu below)
     out = sys.argv[1]
     result = {"ddp_loop": ddp_loop(comm), "plain_loop": ddp_loop(comm, wrap=False), "ddp_refused": ddp_refused(comm),
               "trainer": trainer_run(comm.rank, out), "no_comm": no_communicator_warning()}

@@ -296,6 +296,24 @@ def test_a_failed_start_does_not_block_the_corrected_rerun(tmp_path, capsys):
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
+def test_torchrun_ranks_beyond_the_gpus_are_one_line(tmp_path, capsys, monkeypatch):
+    """NCCL refuses two ranks on one GPU: more ranks per node than GPUs (here a machine shown one GPU) is named
+    before anything starts, as is a device torchrun cannot use."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    out = str(tmp_path / "run")
+    for flags, names in [(["--workers", "2"], "workers=2"), (["--workers", "4", "--nproc-per-node", "4"],
+                                                            "nproc_per_node=4")]:
+        code, err = run_cli(["train", *SMOKE, "--steps", "2", "--launcher", "torchrun", "--device", "cuda", *flags,
+                             "--out", out], capsys)
+        assert code == 2 and err.count("\n") == 1 and names in err and "has 1" in err, err
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    code, err = run_cli(["train", *SMOKE, "--steps", "2", "--launcher", "torchrun", "--device", "mps", "--out", out],
+                        capsys)
+    assert code == 2 and err.count("\n") == 1 and "device='mps'" in err and "allowed cuda or cpu" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_what_is_not_a_run_or_an_export_is_one_line(tmp_path, capsys):
     fake = tmp_path / "fake"
     fake.mkdir()
