@@ -9,11 +9,11 @@ vectors of the tall, thin Y (n x p x (r + 8)). This times, per shape set and ran
 
   refresh        compute_projection itself (what lordo runs: its factorization is `_top_left_singular`)
   products       the two products with X
-  qr + svd       QR of Y, then the SVD of R: the CPU path
+  qr + svd       QR of Y, then the SVD of R: the fallback everywhere (and a float64 Y's path)
   gesvda         cuSOLVER's batched tall-and-thin SVD of Y (CUDA only): the CUDA path
   gesvdj         cuSOLVER's batched Jacobi SVD of Y (CUDA only)
   host qr + svd  Y copied to the CPU, QR + SVD there, back (CUDA only)
-  gram eigh f64  eigenvectors of Y^T Y in float64, U = Y V / sigma
+  gram eigh f64  eigenvectors of Y^T Y in float64, U = Y V / sigma: the CPU path for a float32 Y
 
 and each factorization's error: the larger of |U^T U - I| and the share of Y's top-r energy it misses,
 1 - ||U^T Y||^2 / ||U*^T Y||^2 with U* from Y's float64 SVD. The stacks have a 1/i spectrum (like gradients:
@@ -49,6 +49,10 @@ def spectrum_stack(n: int, p: int, q: int, device: torch.device, seed: int) -> t
     U = torch.linalg.qr(torch.randn(n, p, p, device=device, generator=gen))[0]
     V = torch.linalg.qr(torch.randn(n, q, p, device=device, generator=gen))[0]
     return (U / torch.arange(1, p + 1, device=device)) @ V.mT
+
+
+def power_products(X: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    return X @ (X.mT @ start)
 
 
 def qr_svd(Y: torch.Tensor, r: int) -> torch.Tensor:
@@ -125,8 +129,8 @@ def main() -> None:
                 gen = torch.Generator(device=device).manual_seed(1)
                 start = torch.cat([prev, torch.randn(n, p, 8, device=device, generator=gen) / p**0.5], dim=-1)
                 ms["refresh"] += median_ms(device, args.repeats, compute_projection, X, r, "power", prev=prev, seed=1)
-                ms["products"] += median_ms(device, args.repeats, torch.matmul, X, X.mT @ start)
-                Y = X @ (X.mT @ start)
+                ms["products"] += median_ms(device, args.repeats, power_products, X, start)
+                Y = power_products(X, start)
                 for name in names:
                     factor = FACTORIZATIONS[name]
                     ms[name] += median_ms(device, args.repeats, factor, Y, r)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lordo import METHODS, make_optimizer, run_simulated, split_params
+from lordo import METHODS, make_optimizer, projection, run_simulated, split_params
 from lordo.model import GPT
-from lordo.projection import PROJ_METHODS, compute_projection
+from lordo.projection import PROJ_METHODS, canonical_signs, compute_projection
 
 
 def test_split_params_follows_the_rule(gpt):
@@ -181,3 +181,28 @@ def test_projection_methods_find_the_top_subspace(method):
                        compute_projection(X.clone(), 4, method, seed=1, prev=prev.clone()))   # deterministic
     idx = Q.abs().argmax(dim=1, keepdim=True)
     assert (torch.gather(Q, 1, idx) > 0).all()
+
+
+def test_the_cpu_factorization_of_a_sketch_matches_float64_and_falls_back_where_rank_deficient():
+    """On a CPU a float32 sketch's top singular vectors come from W^T W's eigenvectors in float64: they span the
+    float64 SVD's subspace (closer than QR + SVD in float32 do) with orthonormal columns; a zero matrix or one of
+    rank below `rank` is refused (None), and the refresh then uses QR + SVD."""
+    gen = torch.Generator().manual_seed(0)
+    n, p, width, r = 5, 96, 24, 16
+    W = torch.randn(n, p, width, generator=gen) * torch.logspace(0, -3, width)      # a spread spectrum, like a sketch
+    exact = torch.linalg.svd(W.double(), full_matrices=False)[0][..., :r]
+    missed = lambda U: (1 - (U.double().mT @ W.double()).square().sum((-2, -1))
+                        / (exact.mT @ W.double()).square().sum((-2, -1))).abs().max()
+    fast = projection._gram_eigh(W, r)
+    Qw, R = torch.linalg.qr(W)
+    plain = Qw @ torch.linalg.svd(R)[0][..., :r]
+    assert missed(fast) < 1e-6 and missed(fast) <= missed(plain)
+    torch.testing.assert_close(fast.mT @ fast, torch.eye(r).expand(n, r, r), atol=1e-6, rtol=0)
+    torch.testing.assert_close(canonical_signs(fast), canonical_signs(exact).float(), atol=1e-4, rtol=0)
+    some_zero = W.clone()
+    some_zero[2] = 0
+    low_rank = torch.randn(n, p, 4, generator=gen) @ torch.randn(n, 4, width, generator=gen)
+    for degenerate in (torch.zeros(n, p, width), some_zero, low_rank):
+        assert projection._gram_eigh(degenerate, r) is None
+        Q = projection._top_left_singular(degenerate, r)
+        torch.testing.assert_close(Q.mT @ Q, torch.eye(r).expand(n, r, r), atol=1e-5, rtol=0)
