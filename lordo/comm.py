@@ -73,6 +73,10 @@ def init_distributed(device: str | torch.device | None = None) -> tuple[DistComm
     kind = torch.device(device).type if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} has no GPU of its own: this machine has "
+                             f"{torch.cuda.device_count()}; allowed at most that many ranks per node with NCCL, "
+                             "or init_distributed('cpu') for gloo")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -81,7 +85,7 @@ def init_distributed(device: str | torch.device | None = None) -> tuple[DistComm
         torch.set_num_threads(1)
         backend = "gloo"
     else:
-        raise ValueError(f"device={device!r} is invalid for torchrun ranks: allowed cuda or cpu")
+        raise ValueError(f"device={str(device)!r} is invalid for torchrun ranks: allowed cuda or cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistComm(), device

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 PROJ_METHODS = ("svd", "randomized", "power")
+GESVDA_TOLERANCE = 1000   # gesvda's |U^T U - I| accepted, in units of the dtype's eps (float32: 1.2e-4)
 
 
 def is_transposed(shape: tuple[int, ...] | torch.Size) -> bool:
@@ -35,26 +36,31 @@ def canonical_signs(Q: torch.Tensor) -> torch.Tensor:
 
 
 def _top_left_singular(W: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-`rank` left singular vectors of a tall, thin stack W (n, p, l): QR, then the l x l SVD of R. Faster
-    first where it applies (benchmarks/projection_refresh.py): on CUDA cuSOLVER's batched tall-and-thin SVD
-    (gesvda) in one call, since torch's batched QR and SVD loop over the matrices there (20-90 times slower on
-    an H200); on a CPU, for a float32 W, the eigenvectors of W^T W in float64 (0.4-0.6x the time, and closer to
-    the exact subspace than QR and SVD in float32)."""
+    """Top-`rank` left singular vectors of a tall, thin stack W (n, p, l). Where it applies, a faster
+    factorization first (benchmarks/projection_refresh.py): on CUDA cuSOLVER's batched tall-and-thin SVD
+    (gesvda), since torch's batched QR and SVD loop over the matrices there (50-90 times slower than gesvda on
+    an H200); on a CPU, for a float32 W, the eigenvectors of W^T W in float64 (0.4-0.7x QR and SVD's time at
+    two threads, the same at one, and closer to the exact subspace). Else, or where either declines for one
+    matrix of the stack, `_qr_svd` for the whole stack."""
     U = None
     if W.is_cuda and torch.version.hip is None:
         U = _gesvda(W, rank)
     elif W.device.type == "cpu" and W.dtype == torch.float32:
         U = _gram_eigh(W, rank)
-    if U is not None:
-        return U
+    return _qr_svd(W, rank) if U is None else U
+
+
+def _qr_svd(W: torch.Tensor, rank: int) -> torch.Tensor:
+    """QR of W, then the l x l SVD of R: any W, in W's precision."""
     Qw, R = torch.linalg.qr(W)
     return Qw @ torch.linalg.svd(R)[0][..., :rank]
 
 
 def _gram_eigh(W: torch.Tensor, rank: int, floor: float = 1e-10) -> torch.Tensor | None:
-    """U = W V / sigma from the top eigenpairs (V, sigma^2) of W^T W, computed in float64, where float32's
-    products are exact. Squaring the spectrum costs accuracy below sigma_1 sqrt(floor), so where a matrix's
-    rank-th eigenvalue is under `floor` times its largest (a zero or rank-deficient matrix) it gives None."""
+    """U = W V / sigma from the top eigenpairs (V, sigma^2) of W^T W, computed in float64 (float32's products
+    are exact there; only the sums round). Squaring the spectrum costs accuracy below sigma_1 sqrt(floor), so
+    where a matrix's rank-th eigenvalue is under `floor` times its largest (a zero or rank-deficient matrix) it
+    gives None."""
     W64 = W.double()
     eigenvalues, V = torch.linalg.eigh(W64.mT @ W64)        # ascending
     top, V = eigenvalues[..., -rank:].flip(-1), V[..., -rank:].flip(-1)
@@ -63,16 +69,19 @@ def _gram_eigh(W: torch.Tensor, rank: int, floor: float = 1e-10) -> torch.Tensor
     return (W64 @ (V / top.sqrt().unsqueeze(-2))).to(W.dtype)
 
 
-def _gesvda(W: torch.Tensor, rank: int, tol: float = 1e-4) -> torch.Tensor | None:
-    """gesvda's top-`rank` left singular vectors, or None where it cannot give them: it works from W^T W, so on
+def _gesvda(W: torch.Tensor, rank: int) -> torch.Tensor | None:
+    """gesvda's top-`rank` left singular vectors, or None where it cannot give them. It works from W^T W, so on
     a (nearly) rank-deficient W (a zero matrix in the stack, a matrix of rank below l) it fails to converge or
-    returns columns that are not orthonormal (both seen on an H200). The check costs one (n, r, r) product."""
+    returns columns that are not orthonormal (both seen on an H200). Orthonormal columns U = W V / sigma, with
+    V orthogonal, are W's singular vectors, so orthonormality (one (n, r, r) product) is the check."""
+    if W.numel() == 0:
+        return None
     try:
         U = torch.linalg.svd(W, full_matrices=False, driver="gesvda")[0][..., :rank]
     except torch.linalg.LinAlgError:
         return None
     defect = (U.mT @ U - torch.eye(rank, dtype=U.dtype, device=U.device)).abs().amax()
-    return U if bool(defect <= tol) else None
+    return U if bool(defect <= GESVDA_TOLERANCE * torch.finfo(U.dtype).eps) else None
 
 
 def compute_projection(X: torch.Tensor, rank: int, method: str = "power", *, prev: torch.Tensor | None = None,
