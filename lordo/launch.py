@@ -195,8 +195,7 @@ def check_ranks_fit(cfg: TrainConfig, device: torch.device) -> None:
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"config field device={cfg.device!r} is invalid with launcher='torchrun': allowed cuda "
                          "or cpu (--launcher sim runs workers on any device)")
-    gpus = torch.cuda.device_count() if device.type == "cuda" else None
-    if gpus is not None and cfg.ranks_per_node > gpus:
+    if device.type == "cuda" and cfg.ranks_per_node > (gpus := torch.cuda.device_count()):
         field, value = ("nproc_per_node", cfg.nproc_per_node) if cfg.nproc_per_node else ("workers", cfg.workers)
         raise ValueError(f"config field {field}={value} is invalid here: torchrun would start {cfg.ranks_per_node} "
                          f"ranks on this node, one per GPU, and it has {gpus}; allowed at most {gpus} per node "

@@ -61,9 +61,9 @@ class Toy:
         return {n: 0.5 * torch.randn(s, generator=g, dtype=self.dtype) for n, s in shapes.items()}
 
     def loss(self, params: dict[str, torch.Tensor], worker: int, step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(1000 * worker + step)
-        x = torch.randn(8, 6, generator=g, dtype=self.dtype)
-        y = torch.randn(8, 7, generator=g, dtype=self.dtype)
+        g = torch.Generator().manual_seed(1000 * worker + step)    # drawn on the CPU, used where the params are
+        x = torch.randn(8, 6, generator=g, dtype=self.dtype).to(params["emb"].device)
+        y = torch.randn(8, 7, generator=g, dtype=self.dtype).to(params["emb"].device)
         h = torch.tanh(x @ params["emb"] @ params["w_in"])
         return ((h @ params["w_out"] + params["bias"] - y) ** 2).mean()
 

@@ -28,13 +28,6 @@ class CudaToy(Toy):
     def init_params(self) -> dict[str, torch.Tensor]:
         return {n: t.to(CUDA) for n, t in super().init_params().items()}
 
-    def loss(self, params: dict[str, torch.Tensor], worker: int, step: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(1000 * worker + step)
-        x = torch.randn(8, 6, generator=g, dtype=self.dtype).to(CUDA)
-        y = torch.randn(8, 7, generator=g, dtype=self.dtype).to(CUDA)
-        h = torch.tanh(x @ params["emb"] @ params["w_in"])
-        return ((h @ params["w_out"] + params["bias"] - y) ** 2).mean()
-
 
 CUDA_CASES = [pytest.param(method, workers, case, id=case_id(method, workers, case))
               for method in ("ddp", "lowrank_ddp", "lordo_local", "lordo") for case in CASES[method][:3]
