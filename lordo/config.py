@@ -27,7 +27,9 @@ from lordo.model import PRESETS
 from lordo.optim import (
     COMM_DTYPES,
     DEFAULTS,
+    EF_ON_SYNC,
     METHODS,
+    MOMENT_AVERAGING,
     MOMENT_RULES,
     NONFINITE_RULES,
     PROJ_SOURCES,
@@ -45,10 +47,12 @@ EXECUTION_FIELDS = ("launcher", "nproc_per_node", "nnodes", "node_rank", "rdzv_e
                     "runs_dir", "checkpoint_every", "progress")
 # Optimizer options added after runs were cached under the config hash: in the hash key only when set (their
 # resolved values are in it anyway, under resolved_optimizer), so every earlier config keeps its hash.
-LATER_OPTIMIZER_FIELDS = ("proj_iters", "nonfinite", "bucket_mb", "qh_scale")
+LATER_OPTIMIZER_FIELDS = ("proj_iters", "nonfinite", "bucket_mb", "qh_scale", "mu", "average_moments",
+                          "average_moments_every", "ef_on_sync", "fullrank_lr_scale")
 # Optimizer options added after runs were cached, with the behaviour every earlier run had: at that value they
 # stay out of the resolved key too (a later change of the default still changes the hash).
-IMPLICIT_BEFORE = {"qh_scale": "mean_denom"}
+IMPLICIT_BEFORE = {"qh_scale": "mean_denom", "mu": 1.0, "average_moments": "none", "average_moments_every": 1,
+                   "ef_on_sync": "keep", "fullrank_lr_scale": 1.0}
 MAX_LOCAL_WORKERS = 256   # threads (sim) or processes (torchrun) on one machine
 NONE_WORDS = ("none", "null", "~")
 
@@ -217,6 +221,19 @@ class TrainConfig:
     qh_scale: str | None = option(None, choice(QH_SCALES, none=_optimizer_default("qh_scale")),
                                   "size of the full-rank QH term: mean_denom (G^ / mean(D), the spec) | update_rms "
                                   "(the low-rank update's RMS)")
+    mu: float | None = option(None, number(0, open_low=True, none=_optimizer_default("mu")),
+                              "the paper's scaling factor mu: the full-rank QH term is divided by it")
+    average_moments: str | None = option(None, choice(MOMENT_AVERAGING, none=_optimizer_default("average_moments")),
+                                         "optimizer moments averaged over workers at synchronizations: none | "
+                                         "lowrank (u, v) | adamw (the full-rank parameters') | all")
+    average_moments_every: int | None = option(None, integer(1, none=_optimizer_default("average_moments_every")),
+                                               "average the moments at every n-th synchronization")
+    ef_on_sync: str | None = option(None, choice(EF_ON_SYNC, none=_optimizer_default("ef_on_sync")),
+                                    "each worker's error feedback at a synchronization: keep | average | reset | "
+                                    "reproject (onto the new Q)")
+    fullrank_lr_scale: float | None = option(None, number(0, 1000, open_low=True,
+                                                          none=_optimizer_default("fullrank_lr_scale")),
+                                             "low-rank methods: the full-rank (AdamW) parameters' lr / lr")
     outer_lr: float | None = option(None, number(0, open_low=True, none=_optimizer_default("outer_lr")),
                                     "outer learning rate at synchronizations (local methods)")
     outer_momentum: float | None = option(None, number(0, 1, open_high=True,

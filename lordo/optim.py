@@ -105,7 +105,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (   # in this order in every ta
 DEFAULTS: dict[str, Any] = dict(
     lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, rank=0.25, sync_every=16, omega=None,
     clip=1.0, error_feedback=True, moments_on_refresh="keep", proj_method="power", proj_every=200,
-    proj_iters=1, proj_source="pseudo_gradient", qh_scale="mean_denom", outer_lr=1.0, outer_momentum=0.0,
+    proj_iters=1, proj_source="pseudo_gradient", qh_scale="mean_denom", mu=1.0, average_moments="none",
+    average_moments_every=1, ef_on_sync="keep", fullrank_lr_scale=1.0, outer_lr=1.0, outer_momentum=0.0,
     comm_dtype="float32",
     nonfinite="raise", diagnostics=False, seed=0, bucket_mb=64.0, state_dtype="float32", host_anchor=False,
 )
@@ -126,7 +127,21 @@ PROJ_SOURCES = ("pseudo_gradient", "gradient")
 # span(Q)); `update_rms` gives it the low-rank update's RMS, full = G^ ||u_hat / D|| / ||G^||, so the term
 # changes the update's direction, not its size (notebook 06 compares them).
 QH_SCALES = ("mean_denom", "update_rms")
+# Optimizer states averaged over workers at a synchronization (every `average_moments_every`-th), as DES-LOC and
+# MT-DAO average them at their own periods: the low-rank moments u, v (r x q per matrix, in the shared Q's basis),
+# the full-rank parameters' AdamW moments (twice their size), or both. Each costs its bytes (`comm_stats`).
+MOMENT_AVERAGING = ("none", "lowrank", "adamw", "all")
+# What each worker's error-feedback buffer does at a synchronization: kept (the spec), averaged over workers (one
+# more full-size all-reduce of the matrices), reset to zero, or re-projected onto the new Q (only the part the
+# new subspace can express is carried into the next step).
+EF_ON_SYNC = ("keep", "average", "reset", "reproject")
+# `fullrank_lr_scale`: in a low-rank method, the full-rank (AdamW) parameters' lr as a fraction of the matrices'
+# (the spec gives "the rest" plain AdamW and leaves its lr open; GaLore's recipes scale the two apart).
 NONFINITE_RULES = ("raise", "skip", "off")
+# Diagnostics at a sync: each matrix's update coherence, whole and inside / outside span(Q) (`_record_coherence`),
+# and one record (this `param`) for the full-rank parameters together.
+COHERENCE_FIELDS = ("coherence", "coherence_in_span", "coherence_outside")
+FULL_RANK_RECORD = "(full-rank parameters)"
 STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}   # None: the parameters' own dtype
 # float64 makes sums of up to a few fp32 values exact, hence independent of the backend's
 # reduction order: bit-reproducible across launchers at twice the bytes.
@@ -165,6 +180,15 @@ def validate_hparams(hp: dict[str, Any]) -> None:
     check(isinstance(hp["proj_iters"], int) and hp["proj_iters"] >= 1, "proj_iters", hp["proj_iters"], "an int >= 1")
     check(hp["proj_source"] in PROJ_SOURCES, "proj_source", hp["proj_source"], str(PROJ_SOURCES))
     check(hp["qh_scale"] in QH_SCALES, "qh_scale", hp["qh_scale"], str(QH_SCALES))
+    check(isinstance(hp["mu"], int | float) and hp["mu"] > 0 and math.isfinite(hp["mu"]), "mu", hp["mu"],
+          "a finite number > 0")
+    check(hp["average_moments"] in MOMENT_AVERAGING, "average_moments", hp["average_moments"],
+          str(MOMENT_AVERAGING))
+    check(isinstance(hp["average_moments_every"], int) and hp["average_moments_every"] >= 1,
+          "average_moments_every", hp["average_moments_every"], "an int >= 1")
+    check(hp["ef_on_sync"] in EF_ON_SYNC, "ef_on_sync", hp["ef_on_sync"], str(EF_ON_SYNC))
+    scale = hp["fullrank_lr_scale"]
+    check(isinstance(scale, int | float) and 0 < scale <= 1e3, "fullrank_lr_scale", scale, "a number in (0, 1000]")
     check(hp["outer_lr"] > 0, "outer_lr", hp["outer_lr"], "> 0")
     check(0 <= hp["outer_momentum"] < 1, "outer_momentum", hp["outer_momentum"], "a number in [0, 1)")
     check(hp["comm_dtype"] in COMM_DTYPES, "comm_dtype", hp["comm_dtype"], str(tuple(COMM_DTYPES)))
@@ -350,6 +374,7 @@ class _Bucket:
     explored: list[torch.Tensor] | None = field(default=None)  # diagnostics: union basis per matrix
     visits: torch.Tensor | None = None  # diagnostics: (n, p, p) sum of Q Q^T over refreshes
     qh_ratio: list[float] | None = None  # diagnostics: QH term's size / low-rank term's, the step before a sync
+    coherence: list[list[float]] | None = None  # diagnostics: per matrix, COHERENCE_FIELDS at the last sync
     work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
     compiled: bool = False          # eligible for the compiled CPU kernels (float32 on CPU, fused not False)
 
@@ -442,6 +467,13 @@ class LoRDO(torch.optim.Optimizer):
         if hp["omega"] is None:
             hp["omega"] = self.method.omega
         hp["betas"] = tuple(hp["betas"])
+        check(self.method.lowrank or hp["fullrank_lr_scale"] == 1, "fullrank_lr_scale", hp["fullrank_lr_scale"],
+              f"1 for {method} (every parameter is full-rank there: set lr)")
+        if self.method.projection == "local":   # each worker's low-rank state is in its own Q's basis
+            check(hp["average_moments"] in ("none", "adamw"), "average_moments", hp["average_moments"],
+                  "'none' or 'adamw' with lordo_local (its workers' low-rank moments are in different bases)")
+            check(hp["ef_on_sync"] != "average", "ef_on_sync", hp["ef_on_sync"],
+                  "'keep', 'reset' or 'reproject' with lordo_local (its workers' projections differ)")
         self.hparams = hp
         self.comm = comm
         self.world_size = comm.world_size if comm is not None else 1
@@ -463,6 +495,7 @@ class LoRDO(torch.optim.Optimizer):
         self.refreshes = 0         # projection computations (each seeds its randomized sketch)
         self.projection_seconds = 0.0
         self.comm_seconds = 0.0    # time inside collectives (waiting for other workers included)
+        self.diagnostics_bytes = 0  # payload of the diagnostics' own all-reduces (not in comm_stats)
         self.synced = False        # whether the last step() ended with a synchronization
         self._comm_log: dict[str, list[int]] = {}   # kind -> [collectives, payload bytes]
         self._diagnostics: list[dict[str, Any]] = []
@@ -879,7 +912,7 @@ class LoRDO(torch.optim.Optimizer):
             m, v = kept_m, kept_v
             if gen is not None:      # low-precision state: the step on copies in the parameters' dtype
                 m, v = [t.to(p.dtype) for t, p in zip(m, params)], [t.to(p.dtype) for t, p in zip(v, params)]
-            (b1, b2), lr = g["betas"], g["lr"]
+            (b1, b2), lr = g["betas"], g["lr"] * (self.hparams["fullrank_lr_scale"] if self.method.lowrank else 1)
             gs = [grads[i] for i in idx]
             if len({(p.device, p.dtype) for p in params}) == 1:    # torch's fused kernel: no temporaries
                 torch._fused_adamw_(params, gs, m, v, [], [self._adam_step_t] * len(params), lr=lr, beta1=b1,
@@ -954,7 +987,7 @@ class LoRDO(torch.optim.Optimizer):
         elif omega < 1:
             qh = denom_mean.reciprocal()
         if qh is not None:
-            qh.mul_(-lr * (1 - omega))
+            qh.mul_(-lr * (1 - omega) / self.hparams["mu"])
         if record:   # |qh| ||G^|| / (lr ||omega N||)
             b.qh_ratio = (qh.abs() * grad_norms / (lr * n_norm * (omega / bc1))).tolist()
         decay = 1 - lr * g["weight_decay"]
@@ -1063,13 +1096,15 @@ class LoRDO(torch.optim.Optimizer):
         b.visits.baddbmm_(Q_new.float(), Q_new.float().mT)
         ranks = visited_rank(b.visits).tolist()
         source_norm = torch.linalg.matrix_norm(X).tolist()
+        coherence = lambda j: {} if b.coherence is None else dict(zip(COHERENCE_FIELDS, b.coherence[j]))
         for j, i in enumerate(b.indices):
             b.explored[j] = extend_basis(b.explored[j], Q_new[j])
             self._diagnostics.append({"step": self.steps, "param": self.names[i], "basis_similarity": sim[j],
                                       "energy_outside": out[j], "explored_dim": b.explored[j].shape[-1],
                                       "explored_rank": ranks[j], "source_norm": source_norm[j],
                                       "own_energy_outside": own_out[j], "ef_norm": ef_norm[j],
-                                      "qh_to_lowrank": b.qh_ratio[j] if b.qh_ratio is not None else None})
+                                      "qh_to_lowrank": b.qh_ratio[j] if b.qh_ratio is not None else None,
+                                      **coherence(j)})
 
     def pop_diagnostics(self) -> list[dict[str, Any]]:
         """Subspace records since the last call, one per matrix and projection refresh."""
@@ -1107,7 +1142,10 @@ class LoRDO(torch.optim.Optimizer):
                                                           [anchor[i] for i in self.full])):
                 deltas[i] = d
         own = [X.clone() for X in stacks] if self.method.projection == "local" or hp["diagnostics"] else None
+        own_norms = self._update_norms(stacks, deltas) if hp["diagnostics"] else None
         self._all_reduce_mean(deltas, "sync")
+        if own_norms is not None:
+            self._record_coherence(own_norms, self._update_norms(stacks, deltas))
         if outer is not None:   # Nesterov SGD on the outer gradient -Delta
             torch._foreach_mul_(outer, hp["outer_momentum"])
             torch._foreach_sub_(outer, deltas)
@@ -1119,6 +1157,7 @@ class LoRDO(torch.optim.Optimizer):
                      for h, v in zip(held, visited) if h is not v]
             if pairs:
                 torch._foreach_copy_([h for h, _ in pairs], [v for _, v in pairs])
+        self._sync_states()
         if self.buckets:
             sources = own if self.method.projection == "local" else stacks
             if self._sync_grads is not None:
@@ -1128,7 +1167,62 @@ class LoRDO(torch.optim.Optimizer):
                     self._all_reduce_mean([grads[i] for b in self.buckets for i in b.indices], "projection_gradient")
                 sources = self._stacked(grads)
             self._refresh(sources, own)
+            if hp["ef_on_sync"] == "reproject":   # E = Q Q^T E with the new Q (E is materialized by the refresh)
+                for b in self.buckets:
+                    if b.ef is not None:
+                        b.ef.copy_(torch.bmm(b.Q, b.Q.mT @ b.ef.to(b.Q.dtype)))
         self.synced = True
+
+    def _sync_states(self) -> None:
+        """At a synchronization, before the refresh (while every worker's low-rank state is in the shared Q's
+        basis): average the moments `average_moments` names (at every `average_moments_every`-th sync), and
+        average or reset the error feedback (`ef_on_sync`). Bytes counted by kind."""
+        hp = self.hparams
+        which = hp["average_moments"]
+        if which != "none" and math.ceil(self.steps / hp["sync_every"]) % hp["average_moments_every"] == 0:
+            if which in ("adamw", "all") and self.full:
+                states = [self.state[self.params[i]] for i in self.full]
+                self._all_reduce_mean([s[k] for s in states for k in ("exp_avg", "exp_avg_sq")], "adamw_moments")
+            if which in ("lowrank", "all") and self.buckets:
+                self._all_reduce_mean([t for b in self.buckets for t in (b.exp_avg, b.exp_avg_sq)],
+                                      "lowrank_moments")
+        efs = [b.ef for b in self.buckets if b.ef is not None]
+        if hp["ef_on_sync"] == "average" and efs:
+            self._all_reduce_mean(efs, "error_feedback")   # lazy R averages to the mean E: Q is shared
+        elif hp["ef_on_sync"] == "reset" and efs:
+            torch._foreach_zero_(efs)
+
+    def _update_norms(self, stacks: list[torch.Tensor], deltas: list[torch.Tensor]) -> torch.Tensor:
+        """Diagnostics: per low-rank matrix ||Delta||, ||Q^T Delta|| and ||(I - Q Q^T) Delta|| (Q before this
+        sync's refresh), then ||Delta|| of all full-rank parameters together, as one vector."""
+        norms = []
+        for b, X in zip(self.buckets, stacks):
+            total = torch.linalg.vector_norm(X, dim=(1, 2), dtype=torch.float32)
+            inside = (torch.linalg.vector_norm(b.Q.mT @ X, dim=(1, 2), dtype=torch.float32) if b.Q is not None
+                      else torch.zeros_like(total))
+            outside = (total.square() - inside.square()).clamp_min(0).sqrt()
+            norms.append(torch.stack([total, inside, outside], dim=1).reshape(-1))
+        full = [deltas[i] for i in self.full]
+        full_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(full))) if full else torch.zeros(())
+        norms.append(full_norm.float().reshape(1).to(self.params[0].device))
+        return torch.cat(norms)
+
+    def _record_coherence(self, own: torch.Tensor, averaged: torch.Tensor) -> None:
+        """Update coherence at this sync: the norm of the workers' averaged update over the mean of their own
+        norms (1: all workers moved alike; 1/sqrt(M): orthogonal moves), per matrix (whole, inside and outside
+        span(Q)) and for the full-rank parameters together. Its small all-reduce is a diagnostic, counted in
+        `diagnostics_bytes`, not in `comm_stats()`."""
+        if self.world_size > 1:
+            self.comm.all_reduce_(own)
+            own.div_(self.world_size)
+            self.diagnostics_bytes += own.numel() * own.element_size()
+        ratio = (averaged / own.clamp_min(torch.finfo(own.dtype).tiny)).tolist()
+        j = 0
+        for b in self.buckets:
+            b.coherence = [ratio[j + 3 * k: j + 3 * k + 3] for k in range(len(b.indices))]
+            j += 3 * len(b.indices)
+        if self.full:
+            self._diagnostics.append({"step": self.steps, "param": FULL_RANK_RECORD, "coherence": ratio[-1]})
 
     def finish(self) -> None:
         """End a run on the averaged model: synchronize now unless the last step did (local methods;
