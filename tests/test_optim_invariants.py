@@ -238,7 +238,7 @@ def test_averaged_states_are_counted_in_bytes_and_make_workers_states_equal():
         return opt.synced, low + full, opt.comm_stats()["by_kind"]
 
     logs = train("lordo", 2, 6, average_moments="all", ef_on_sync="average", on_step=states)
-    for (synced, s0, kinds), (_, s1, _) in zip(*logs):
+    for (synced, s0, _), (_, s1, _) in zip(*logs):
         if synced:
             for a, b in zip(s0, s1):
                 assert torch.equal(a, b)
