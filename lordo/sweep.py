@@ -122,7 +122,8 @@ def heldout_loss(run: Run, device: torch.device | None = None) -> tuple[float, i
     return loss, (len(tokens) - 1) // c.seq_len * c.seq_len
 
 
-def _table(runs: list[Run], variants: list[str], stage: str) -> pd.DataFrame:
+def run_table(runs: list[Run], variants: list[str], stage: str) -> pd.DataFrame:
+    """summaries() of `runs` with their variant, stage, lr, config hash and held-out loss and perplexity."""
     rows = summaries(runs).assign(variant=variants, stage=stage, lr=[r.config.lr for r in runs],
                                   config_hash=[r.config.hash() for r in runs])
     held = [heldout_loss(r) for r in runs]
@@ -138,7 +139,7 @@ def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
     def run(pairs: list[tuple[str, TrainConfig]], stage: str, desc: str) -> pd.DataFrame:
         runs = train_all([c for _, c in pairs], desc=desc)
         trained.update((r.config.hash(), r) for r in runs)
-        return _table(runs, [v for v, _ in pairs], stage)
+        return run_table(runs, [v for v, _ in pairs], stage)
 
     table = run(list(zip(grid_variants(P), grid(P))), "grid", "lr sweep")
     for _ in range(MAX_EXTENSIONS):

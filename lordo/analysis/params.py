@@ -35,6 +35,13 @@ def _list(ok):
 
 
 _TRAIN_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _is_variant(v: Any) -> bool:
+    """A method, or '<method>, <ablation>, ...' with ablations of ABLATIONS."""
+    return isinstance(v, str) and (m := v.split(", "))[0] in METHODS and all(a in ABLATIONS for a in m[1:])
+
+
 _RANK = "an int >= 1 or a float fraction of min(p, q) in (0, 1]"
 CHECKS: dict[str, tuple[Any, str]] = {
     "preset": (lambda v: v in PRESETS, f"one of {list(PRESETS)}"),
@@ -58,11 +65,17 @@ CHECKS: dict[str, tuple[Any, str]] = {
                "None or {TrainConfig field: value} (the claim-4 regime's changes to the shared point)"),
     "lrs": (_list(lambda v: is_number(v) and 0 < v < math.inf),
             "a non-empty list of learning rates, each a number > 0"),
-    "sweep_methods": (_list(lambda v: isinstance(v, str) and (m := v.split(", "))[0] in METHODS
-                            and all(a in ABLATIONS for a in m[1:])),
+    "sweep_methods": (_list(_is_variant),
                       f"a non-empty list of methods {list(METHODS)}, each alone or as '<method>, <ablation>, ...' "
                       f"with ablations of lordo.analysis.ABLATIONS: {list(ABLATIONS)}"),
     "sweep_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "penalty_setup": (lambda v: v is None or isinstance(v, dict) and set(v) <= _TRAIN_CONFIG_FIELDS,
+                      "None or {TrainConfig field: value} (the small-batch setup of lordo.penalty)"),
+    "penalty_variants": (lambda v: v is None or isinstance(v, dict) and len(v) > 0 and all(
+        _is_variant(k) and _list(lambda x: is_number(x) and 0 < x < math.inf)(lrs) for k, lrs in v.items()),
+        "None (not run) or {variant: [lr, ...]}, each variant a method or '<method>, <ablation>, ...' with "
+        f"ablations of lordo.analysis.ABLATIONS: {list(ABLATIONS)}"),
+    "penalty_seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
     "one_worker_variants": (lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
                             "a list of LoRDO variants of sweep_methods"),
     "horizon_steps": (lambda v: v is None or _int(1)(v), "None (no longer runs) or an int >= 1"),
