@@ -44,8 +44,8 @@ class _Finish(transformers.TrainerCallback):
 class LoRDOTrainer(transformers.Trainer):
     """`transformers.Trainer` whose optimizer is `lordo_method` (a name in `lordo.METHODS`).
 
-    The optimizer takes the Trainer's lr, betas, eps and weight decay (on the parameters Trainer
-    decays; not on biases and norms), then `lordo_hparams`. Parameters are split by
+    The optimizer takes the Trainer's lr, betas, eps, weight decay (on the parameters Trainer
+    decays; not on biases and norms) and max_grad_norm (lordo's `clip`), then `lordo_hparams`. Parameters are split by
     `lordo.split_params`; the lr scheduler and gradient accumulation are the Trainer's.
     """
 
@@ -80,7 +80,8 @@ class LoRDOTrainer(transformers.Trainer):
                                            lowrank=group["lowrank"],
                                            weight_decay=self.args.weight_decay if decayed else 0.0))
             args = self.args
-            hp = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+            hp = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                      clip=args.max_grad_norm or None)   # Trainer's 0 or None: no clip
             self.optimizer = LoRDO(groups, self.lordo_method, distributed_comm(), model=model,
                                    **(hp | self.lordo_hparams))
         return self.optimizer

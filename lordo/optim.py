@@ -271,7 +271,10 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
     * output heads: a 2-D weight with the vocabulary (the largest embedding's size) as its output
       dimension, a module named like a head (`lm_head`, `score`, `classifier`, ...), and (given the
       module) its last `nn.Linear` outside its repeated blocks (`nn.ModuleList`), e.g. a 2 x 64
-      classification head whatever its name.
+      classification head whatever its name. Weights inside the repeated blocks (given names only: a
+      numbered module in the name) are never heads by size (an MLP's 4 x width side may equal the
+      vocabulary); transformers' `Conv1D` (GPT-2) stores its weight in x out: its output dimension is its
+      second.
     """
     if model is not None:
         named = list(model.named_parameters(remove_duplicate=False))
@@ -287,7 +290,11 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
         in_blocks = {id(p) for m in model.modules() if isinstance(m, nn.ModuleList) for p in m.parameters()}
         linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in in_blocks]
         last = linears[-1] if linears else None
+        in_x_out = {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D"}
     else:
+        # a numbered module in the name (h.3.mlp.c_proj) is a repeated block's, as nn.ModuleList names them
+        in_blocks = {id(p) for name, p in named if any(part.isdigit() for part in name.split("."))}
+        in_x_out = set()
         embeddings = {id(p): p.shape[0] for name, p in named if p.ndim == 2
                       and any(mark in module_of(name).rsplit(".", 1)[-1].lower() for mark in EMBEDDING_MARKS)}
         last = None
@@ -300,7 +307,7 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
             reasons[id(p)] = "embedding"
         elif len(names_of[id(p)]) > 1:
             reasons[id(p)] = f"tied: {' = '.join(names_of[id(p)])}"
-        elif p.shape[0] == vocab or leaf in HEAD_NAMES or p is last:
+        elif (id(p) not in in_blocks and p.shape[id(p) in in_x_out] == vocab) or leaf in HEAD_NAMES or p is last:
             reasons[id(p)] = "output head"
     return reasons
 
@@ -647,12 +654,11 @@ class LoRDO(torch.optim.Optimizer):
         self._collective(tensors, kind, COMM_DTYPES[self.hparams["comm_dtype"]], broadcast=False)
 
     def _collective(self, tensors: list[torch.Tensor], kind: str, dtype: torch.dtype, broadcast: bool) -> None:
-        numel = sum(t.numel() for t in tensors)
+        if self.world_size == 1:   # nothing is sent, so nothing is counted
+            return
         log = self._comm_log.setdefault(kind, [0, 0])
         log[0] += 1
-        log[1] += numel * dtype.itemsize
-        if self.world_size == 1:
-            return
+        log[1] += sum(t.numel() for t in tensors) * dtype.itemsize
         device = tensors[0].device
         if device.type == "cuda":   # collectives are asynchronous there: time them from idle to idle
             torch.cuda.synchronize(device)
@@ -767,7 +773,14 @@ class LoRDO(torch.optim.Optimizer):
             if self.buckets and self.hparams["proj_source"] == "gradient":
                 # a worker that skipped the step still joins the projection's all-reduce, with zeros
                 self._sync_grads = grads if finite else [torch.zeros_like(g) for g in grads]
+            # torch.optim's rule through the synchronization too: in one process nothing is averaged, so a
+            # parameter without a gradient keeps its bits (anchor + (p - anchor) may differ from p in the last bit)
+            alone = self.world_size == 1
+            kept = {i: self.params[i].clone() for i, has in enumerate(present) if alone and not has}
             self.sync()
+            for i, p in kept.items():
+                self.params[i].copy_(p)
+                self._anchor[i].copy_(p)
         return loss
 
     def _bucket_rows(self, b: _Bucket, rows: list[int]) -> list[torch.Tensor]:

@@ -23,6 +23,13 @@ def gpt2():
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
 
 
+def gpt2_wide_vocab():
+    """vocab = 4 x width, as in the README's example: the MLP's Conv1D weights (stored in x out) have the
+    vocabulary's size on one side, and stay low-rank matrices."""
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG | dict(vocab_size=4 * CONFIG["n_embd"])))
+
+
 def llama():
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -65,7 +72,7 @@ WAYS = {
 }
 
 
-@pytest.mark.parametrize("build", [gpt2, llama, classifier])
+@pytest.mark.parametrize("build", [gpt2, gpt2_wide_vocab, llama, classifier])
 @pytest.mark.parametrize("way", WAYS)
 def test_one_classification_rule_for_every_way_of_passing_parameters(build, way):
     model = build()
@@ -127,6 +134,36 @@ def test_parameters_without_gradient_are_untouched(method):
     for untouched, _ in results:
         assert untouched == [True, True, True]
     assert not torch.equal(results[0][1], llama().model.layers[0].self_attn.k_proj.weight)   # the rest trained
+
+
+@pytest.mark.parametrize("outer", [dict(), dict(outer_lr=0.7, outer_momentum=0.9)], ids=["plain", "outer optimizer"])
+def test_gradient_gone_at_the_synchronization_keeps_its_bits(outer):
+    """One process, no communicator: a matrix and a norm with gradients for three steps and none at the fourth,
+    the synchronizing step, keep exactly their values after the third step, as torch.optim leaves them."""
+    model = llama()
+    opt = LoRDO(model.named_parameters(), "lordo", lr=1e-2, rank=4, sync_every=4, **outer)
+    gone = [model.model.layers[1].mlp.up_proj.weight, model.model.layers[1].post_attention_layernorm.weight]
+    for step in range(4):
+        x = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(step))
+        model(input_ids=x, labels=x).loss.backward()
+        if step == 3:
+            before = [p.detach().clone() for p in gone]
+            for p in gone:
+                p.grad = None
+        opt.step()
+        opt.zero_grad()
+    assert opt.synced and all(torch.equal(a, p) for a, p in zip(before, gone))
+    assert opt.comm_stats()["payload_bytes"] == opt.comm_stats()["collectives"] == 0   # nothing was sent
+
+
+@pytest.mark.parametrize("max_grad_norm, clip", [(0.0, None), (0.5, 0.5), (1.0, 1.0)])
+def test_trainer_passes_max_grad_norm_as_the_clip(tmp_path, max_grad_norm, clip):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_grad_norm=max_grad_norm, use_cpu=True,
+                                          report_to="none")
+    trainer = LoRDOTrainer(model=gpt2(), args=args, lordo_hparams=dict(rank=4))
+    assert trainer.create_optimizer().hparams["clip"] == clip
+    assert LoRDOTrainer(model=gpt2(), args=args, lordo_hparams=dict(rank=4, clip=2.0)).create_optimizer()\
+        .hparams["clip"] == 2.0                                   # lordo_hparams has the last word
 
 
 def test_optimizer_protocol():
@@ -210,7 +247,7 @@ def test_trainer_single_process(tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0]
     logged = [e["lordo_payload_bytes"] for e in trainer.state.log_history if "lordo_payload_bytes" in e]
-    assert logged[-1] == opt.comm_stats()["payload_bytes"] > 0    # one worker's count: what M workers would send
+    assert logged[-1] == opt.comm_stats()["payload_bytes"] == 0   # one process sends nothing
 
 
 @pytest.mark.integration
