@@ -500,6 +500,11 @@ class LoRDO(torch.optim.Optimizer):
                 self.names.append(name or f"group{gi}.param{j}")
                 if name:
                     named.append((name, p))
+        for name, p in zip(self.names, self.params):
+            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+                raise ValueError(f"lordo: parameter {name!r} is a DTensor shard (FSDP2 fully_shard or tensor "
+                                 "parallel), but lordo projects and averages whole matrices on every worker: pass "
+                                 "the unsharded model, or wrapped in DistributedDataParallel (see README, FSDP)")
         reasons = full_rank_reasons(named, self._model)
         galore = any(self._explicit_rank)
         self._lowrank: list[bool] = []
@@ -1191,13 +1196,16 @@ class LoRDO(torch.optim.Optimizer):
             offsets.append(offsets[-1] + len(g["params"]))
         for g, a, z in zip(groups, offsets, offsets[1:]):
             g["params"] = list(range(a, z))
-        return {"state": state, "param_groups": groups, "lordo": {
+        # lordo's own counters ride in the first param group: torch.distributed.checkpoint's
+        # get_optimizer_state_dict keeps only "state" and "param_groups"
+        groups[0]["lordo"] = {
             "method": self.method.name, "hparams": {k: (list(v) if isinstance(v, tuple) else v)
                                                      for k, v in self.hparams.items()},
             "steps": self.steps, "skipped_steps": self.skipped_steps, "adam_steps": self._adam_steps,
             "refreshes": self.refreshes, "projection_seconds": self.projection_seconds,
             "comm_seconds": self.comm_seconds,
-            "comm_log": {k: list(v) for k, v in self._comm_log.items()}, "names": list(self.names)}}
+            "comm_log": {k: list(v) for k, v in self._comm_log.items()}, "names": list(self.names)}
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `state_dict()`; every tensor's shape is checked before anything changes."""
@@ -1229,17 +1237,20 @@ class LoRDO(torch.optim.Optimizer):
                                      f"{tuple(t.shape)}, this optimizer expects {shape}")
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        meta = state_dict["lordo"]
+        # in the first param group; checkpoints written before that hold it at the top
+        meta = state_dict["lordo"] if "lordo" in state_dict else state_dict["param_groups"][0]["lordo"]
         if meta["method"] != self.method.name:
             raise ValueError(f"checkpoint is for method {meta['method']!r}, this optimizer is {self.method.name!r}")
         if len(meta["names"]) != len(self.params):
             raise ValueError(f"checkpoint has {len(meta['names'])} parameters, this optimizer {len(self.params)}")
-        state = {int(i): s for i, s in state_dict["state"].items()}
+        # by position in the groups, as torch.optim: the keys may be indices or names (get_optimizer_state_dict)
+        keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        state = {i: state_dict["state"].get(k, state_dict["state"].get(str(k), {})) for i, k in enumerate(keys)}
         self._check_shapes(state)
         self._init_state()
         self._aligned = meta["steps"] > 0
         for g, saved in zip(self.param_groups, state_dict["param_groups"]):
-            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k not in ("params", "lordo")})
         for i in self.full:
             p = self.params[i]
             for k, t in self.state[p].items():

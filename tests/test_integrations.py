@@ -279,3 +279,36 @@ def test_under_torchrun_ddp_and_trainer_take_local_steps(tmp_path):
         assert r["ddp_refused"].startswith("lordo: the first gradients are identical on all 2 workers")
         assert "lordo.integrations.LoRDOTrainer" in r["ddp_refused"] and "\n" not in r["ddp_refused"]
         assert "torch.distributed runs 2 processes but this 'lordo' optimizer has no communicator" in r["no_comm"]
+
+
+@pytest.mark.integration
+def test_distributed_checkpoints_keep_every_workers_state(tmp_path):
+    """2 gloo processes (tests/checkpoint_worker.py), saved at step 4 of 8 with sync_every=3, when the workers
+    differ: LoRDOTrainer and torch.distributed.checkpoint (WorkerState) resume bit for bit on each worker;
+    get/set_optimizer_state_dict round-trip lordo's state; an FSDP2 model is refused in one line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(WORKER.with_name("checkpoint_worker.py")), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               "PYTHONPATH": str(WORKER.parent.parent)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert sorted(p.name for p in (tmp_path / "trainer" / "checkpoint-4").glob("lordo-worker*")) == [
+        "lordo-worker0-of-2.pt", "lordo-worker1-of-2.pt"]
+    for r in ranks:
+        for run in ("trainer", "dcp"):
+            full, resumed = r[run]["full"], r[run]["resumed"]
+            assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(full[-4:], resumed)), run
+        original, loaded = r["round_trips"]["original"], r["round_trips"]["get_set"]
+        assert original["param_groups"] == loaded["param_groups"]          # lordo's counters ride in group 0
+        assert original["state"].keys() == loaded["state"].keys()
+        for i, state in original["state"].items():
+            assert state.keys() == loaded["state"][i].keys()
+            assert all(torch.equal(v, loaded["state"][i][k]) if torch.is_tensor(v) else v == loaded["state"][i][k]
+                       for k, v in state.items())
+        assert r["fsdp"].startswith("lordo: parameter 'transformer.h.0.attn.c_attn.weight' is a DTensor shard")
+        assert "DistributedDataParallel" in r["fsdp"] and "\n" not in r["fsdp"]
+    workers_differ = [torch.equal(a, b) for a, b in zip(ranks[0]["trainer"]["full"], ranks[1]["trainer"]["full"])]
+    assert workers_differ[3] is False        # step 4, the checkpoint: each worker's own model was restored
+    assert not torch.equal(ranks[0]["round_trips"]["original"]["state"][5]["exp_avg"],
+                           ranks[1]["round_trips"]["original"]["state"][5]["exp_avg"])   # and its own moments
