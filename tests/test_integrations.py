@@ -2,6 +2,7 @@
 every way of passing parameters, torch.optim's conventions, transformers.Trainer and DDP."""
 
 import io
+import os
 import subprocess
 import sys
 import warnings
@@ -312,3 +313,24 @@ def test_distributed_checkpoints_keep_every_workers_state(tmp_path):
     assert workers_differ[3] is False        # step 4, the checkpoint: each worker's own model was restored
     assert not torch.equal(ranks[0]["round_trips"]["original"]["state"][5]["exp_avg"],
                            ranks[1]["round_trips"]["original"]["state"][5]["exp_avg"])   # and its own moments
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("framework", ["accelerate", "lightning"])
+def test_framework_recipes_take_real_local_steps(tmp_path, framework):
+    """2 gloo processes (tests/frameworks_worker.py): the README's accelerate recipe and Lightning's DDP strategy
+    with lordo.lightning.LoRDOCallback give each worker, after every step and at the end, the parameters of a
+    plain loop without any wrapper, bit for bit: local steps between synchronizations (sync_every=3)."""
+    if framework == "lightning":
+        pytest.importorskip("lightning")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(WORKER.with_name("frameworks_worker.py")), str(tmp_path), framework]
+    path = os.pathsep.join(filter(None, [str(WORKER.parent.parent), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={
+        "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in ranks:
+        assert len(r[framework]) == 6 and all(torch.equal(a, b) for a, b in zip(r["plain"], r[framework]))
+    equal = [torch.equal(a, b) for a, b in zip(ranks[0][framework], ranks[1][framework])]
+    assert equal == [False, False, True, False, False, True]      # steps 1-5, then after finish()
