@@ -192,6 +192,13 @@ def test_optimizer_protocol():
     extra = torch.nn.Parameter(torch.randn(32, 40))
     late.add_param_group({"params": [extra], "param_names": ["extra"], "rank": 2})   # before the first step: works
     assert "extra" in late.lowrank_names and any(b.rank == 2 for b in late.buckets)
+    older = {**saved, "param_groups": [{k: v for k, v in g.items() if k != "lordo"} for g in saved["param_groups"]],
+             "lordo": saved["param_groups"][0]["lordo"]}        # checkpoints written before: counters at the top
+    again = make_optimizer("lordo", model, rank=4)
+    again.load_state_dict(older)
+    assert again.steps == 1 and "lordo" not in again.param_groups[0]
+    assert all(torch.equal(v, opt.state[q][k]) if torch.is_tensor(v) else v == opt.state[q][k]
+               for k, v in again.state[q].items())
     other = make_optimizer("lordo", llama(), rank=8)
     with pytest.raises(ValueError, match="checkpoint has rank 4 for parameter "
                                          "'model.layers.0.self_attn.q_proj.weight', this optimizer rank 8"):
