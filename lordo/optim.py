@@ -504,7 +504,8 @@ class LoRDO(torch.optim.Optimizer):
             if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
                 raise ValueError(f"lordo: parameter {name!r} is a DTensor shard (FSDP2 fully_shard or tensor "
                                  "parallel), but lordo projects and averages whole matrices on every worker: pass "
-                                 "the unsharded model, or wrapped in DistributedDataParallel (see README, FSDP)")
+                                 "the unsharded model, or wrapped in DistributedDataParallel (README: Distributed "
+                                 "checkpoints and sharding)")
         reasons = full_rank_reasons(named, self._model)
         galore = any(self._explicit_rank)
         self._lowrank: list[bool] = []
