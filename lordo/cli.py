@@ -1,4 +1,5 @@
-"""The `lordo` command.
+"""The `lordo` command: train, evaluate and export LoRDO runs (distributed low-rank optimization with
+infrequent communication) and prepare their corpora.
 
     lordo train --method lordo --preset tiny --corpus shakespeare --workers 4 --steps 300 \\
                 --batch-size 8 --seq-len 128 --rank 8 --sync-every 16 --omega 0.7 --lr 3e-3 --out runs/x
@@ -28,29 +29,44 @@ class Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# `lordo train --help` in sections; every other TrainConfig field is the optimizer's (method, schedule, hparams)
+TRAIN_GROUPS = {
+    "model": ("preset", "bf16", "device"),
+    "data": ("corpus", "tokenizer", "vocab_size", "corpus_tokens", "batch_size", "grad_accum", "seq_len"),
+    "optimizer": (),
+    "training and evaluation": ("seed", "steps", "eval_every", "eval_batches", "log_every", "progress"),
+    "distributed": ("workers", "launcher", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint"),
+    "run store": ("out", "runs_dir", "checkpoint_every"),
+}
+
+
 def _train_parser(sub: argparse._SubParsersAction, options: bool) -> None:
     p = sub.add_parser("train", help="train one configuration (cached by its hash)",
                        description="Train one configuration. Options are TrainConfig fields; each says its "
-                                   "default and what is allowed.")
+                                   "default and what is allowed. Switches come as --x / --no-x.")
     if not options:   # `lordo --help` stays light: the options (and torch) load only for `lordo train`
         return
     from dataclasses import fields
 
     from lordo.config import TrainConfig, field_help
-    p.add_argument("--config", help="YAML/JSON file of TrainConfig fields (options given here override it); a "
-                                    "file without method: serves every method, as configs/paper/<size>.yaml")
-    p.add_argument("--force", action="store_true",
-                   help="retrain even if a finished run is cached (replaces only files lordo wrote)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop after this step with a checkpoint (an int >= 1)")
+    groups = {name: p.add_argument_group(name) for name in TRAIN_GROUPS}
+    group_of = {field: name for name, names in TRAIN_GROUPS.items() for field in names}
+    store = groups["run store"]
+    store.add_argument("--config", help="YAML/JSON file of TrainConfig fields (options given here override it); a "
+                                        "file without method: serves every method, as configs/paper/<size>.yaml")
+    store.add_argument("--force", action="store_true",
+                       help="retrain even if a finished run is cached (replaces only files lordo wrote)")
+    store.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    store.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                       help="stop after this step with a checkpoint (an int >= 1)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = field_help(f).replace("%", "%%")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        group = groups[group_of.get(f.name, "optimizer")]
+        if f.type in ("bool", "bool | None"):   # default None: the config file's or the optimizer's value
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:   # kept as text: the config reads it as the field's kind, the same for config files
-            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -87,17 +103,31 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
-    parser = Parser(prog="lordo", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        installed = version("lordo")
+    except PackageNotFoundError:   # run from a checkout that was never installed
+        installed = "unknown (not installed)"
+    description, examples = __doc__.split("\n\n")[:2]
+    parser = Parser(prog="lordo", description=description.replace("`", ""),
+                    epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lordo {installed}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     _train_parser(sub, train_options)
-    p = sub.add_parser("prepare", help="fetch, tokenize and cache a corpus")
-    p.add_argument("--corpus", default="shakespeare")
-    p.add_argument("--tokenizer", default="bpe")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p = sub.add_parser("export", help="write a run's model as a transformers LlamaForCausalLM checkpoint")
+    p = sub.add_parser("prepare", help="fetch, tokenize and cache a corpus (lordo train does it when needed)",
+                       description="Fetch, tokenize and cache a corpus under data/cache/.")
+    p.add_argument("--corpus", default="shakespeare",
+                   help="shakespeare, brown, ptb, hf:<name>[:<config>] or files:<glob> (default: shakespeare)")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (trained on the corpus), byte, gpt2 or a Hugging Face name (default: bpe)")
+    p.add_argument("--vocab-size", type=int, default=8192,
+                   help="vocabulary of the trained BPE, an int >= 256 (default: 8192)")
+    p = sub.add_parser("export", help="write a run's model as a transformers LlamaForCausalLM checkpoint",
+                       description="Write a run's model as a transformers LlamaForCausalLM checkpoint.")
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--to", required=True, help="output directory (new, empty, or an earlier export)")
-    p = sub.add_parser("eval", help="lm-eval downstream tasks (and perplexity) on a run's model")
+    p = sub.add_parser("eval", help="lm-eval downstream tasks (and perplexity) on a run's model",
+                       description="Evaluate a run's model: lm-eval downstream tasks and perplexity.")
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--tasks", default="core", help="'core' (offline suite) or comma-separated lm-eval task names")
     p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")

@@ -295,7 +295,10 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
     * output heads: a 2-D weight with the vocabulary (the largest embedding's size) as its output
       dimension, a module named like a head (`lm_head`, `score`, `classifier`, ...), and (given the
       module) its last `nn.Linear` outside its repeated blocks (`nn.ModuleList`), e.g. a 2 x 64
-      classification head whatever its name.
+      classification head whatever its name. Weights inside the repeated blocks (given names only: a
+      numbered module in the name) are never heads by size (an MLP's 4 x width side may equal the
+      vocabulary); transformers' `Conv1D` (GPT-2) stores its weight in x out: its output dimension is its
+      second.
     """
     if model is not None:
         named = list(model.named_parameters(remove_duplicate=False))
@@ -311,7 +314,11 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
         in_blocks = {id(p) for m in model.modules() if isinstance(m, nn.ModuleList) for p in m.parameters()}
         linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in in_blocks]
         last = linears[-1] if linears else None
+        in_x_out = {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D"}
     else:
+        # a numbered module in the name (h.3.mlp.c_proj) is a repeated block's, as nn.ModuleList names them
+        in_blocks = {id(p) for name, p in named if any(part.isdigit() for part in name.split("."))}
+        in_x_out = set()
         embeddings = {id(p): p.shape[0] for name, p in named if p.ndim == 2
                       and any(mark in module_of(name).rsplit(".", 1)[-1].lower() for mark in EMBEDDING_MARKS)}
         last = None
@@ -324,7 +331,7 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]], model: nn.Modul
             reasons[id(p)] = "embedding"
         elif len(names_of[id(p)]) > 1:
             reasons[id(p)] = f"tied: {' = '.join(names_of[id(p)])}"
-        elif p.shape[0] == vocab or leaf in HEAD_NAMES or p is last:
+        elif (id(p) not in in_blocks and p.shape[id(p) in in_x_out] == vocab) or leaf in HEAD_NAMES or p is last:
             reasons[id(p)] = "output head"
     return reasons
 
@@ -526,6 +533,12 @@ class LoRDO(torch.optim.Optimizer):
                 self.names.append(name or f"group{gi}.param{j}")
                 if name:
                     named.append((name, p))
+        for name, p in zip(self.names, self.params):
+            if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+                raise ValueError(f"lordo: parameter {name!r} is a DTensor shard (FSDP2 fully_shard or tensor "
+                                 "parallel), but lordo projects and averages whole matrices on every worker: pass "
+                                 "the unsharded model, or wrapped in DistributedDataParallel (README: Distributed "
+                                 "checkpoints and sharding)")
         reasons = full_rank_reasons(named, self._model)
         galore = any(self._explicit_rank)
         self._lowrank: list[bool] = []
@@ -680,12 +693,11 @@ class LoRDO(torch.optim.Optimizer):
         self._collective(tensors, kind, COMM_DTYPES[self.hparams["comm_dtype"]], broadcast=False)
 
     def _collective(self, tensors: list[torch.Tensor], kind: str, dtype: torch.dtype, broadcast: bool) -> None:
-        numel = sum(t.numel() for t in tensors)
+        if self.world_size == 1:   # nothing is sent, so nothing is counted
+            return
         log = self._comm_log.setdefault(kind, [0, 0])
         log[0] += 1
-        log[1] += numel * dtype.itemsize
-        if self.world_size == 1:
-            return
+        log[1] += sum(t.numel() for t in tensors) * dtype.itemsize
         device = tensors[0].device
         if device.type == "cuda":   # collectives are asynchronous there: time them from idle to idle
             torch.cuda.synchronize(device)
@@ -800,7 +812,14 @@ class LoRDO(torch.optim.Optimizer):
             if self.buckets and self.hparams["proj_source"] == "gradient":
                 # a worker that skipped the step still joins the projection's all-reduce, with zeros
                 self._sync_grads = grads if finite else [torch.zeros_like(g) for g in grads]
+            # torch.optim's rule through the synchronization too: in one process nothing is averaged, so a
+            # parameter without a gradient keeps its bits (anchor + (p - anchor) may differ from p in the last bit)
+            alone = self.world_size == 1
+            kept = {i: self.params[i].clone() for i, has in enumerate(present) if alone and not has}
             self.sync()
+            for i, p in kept.items():
+                self.params[i].copy_(p)
+                self._anchor[i].copy_(p)
         return loss
 
     def _bucket_rows(self, b: _Bucket, rows: list[int]) -> list[torch.Tensor]:
@@ -1272,13 +1291,16 @@ class LoRDO(torch.optim.Optimizer):
             offsets.append(offsets[-1] + len(g["params"]))
         for g, a, z in zip(groups, offsets, offsets[1:]):
             g["params"] = list(range(a, z))
-        return {"state": state, "param_groups": groups, "lordo": {
+        # lordo's own counters ride in the first param group: torch.distributed.checkpoint's
+        # get_optimizer_state_dict keeps only "state" and "param_groups"
+        groups[0]["lordo"] = {
             "method": self.method.name, "hparams": {k: (list(v) if isinstance(v, tuple) else v)
                                                      for k, v in self.hparams.items()},
             "steps": self.steps, "skipped_steps": self.skipped_steps, "adam_steps": self._adam_steps,
             "refreshes": self.refreshes, "projection_seconds": self.projection_seconds,
             "comm_seconds": self.comm_seconds,
-            "comm_log": {k: list(v) for k, v in self._comm_log.items()}, "names": list(self.names)}}
+            "comm_log": {k: list(v) for k, v in self._comm_log.items()}, "names": list(self.names)}
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `state_dict()`; every tensor's shape is checked before anything changes."""
@@ -1310,17 +1332,20 @@ class LoRDO(torch.optim.Optimizer):
                                      f"{tuple(t.shape)}, this optimizer expects {shape}")
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        meta = state_dict["lordo"]
+        # in the first param group; checkpoints written before that hold it at the top
+        meta = state_dict["lordo"] if "lordo" in state_dict else state_dict["param_groups"][0]["lordo"]
         if meta["method"] != self.method.name:
             raise ValueError(f"checkpoint is for method {meta['method']!r}, this optimizer is {self.method.name!r}")
         if len(meta["names"]) != len(self.params):
             raise ValueError(f"checkpoint has {len(meta['names'])} parameters, this optimizer {len(self.params)}")
-        state = {int(i): s for i, s in state_dict["state"].items()}
+        # by position in the groups, as torch.optim: the keys may be indices or names (get_optimizer_state_dict)
+        keys = [k for g in state_dict["param_groups"] for k in g["params"]]
+        state = {i: state_dict["state"].get(k, state_dict["state"].get(str(k), {})) for i, k in enumerate(keys)}
         self._check_shapes(state)
         self._init_state()
         self._aligned = meta["steps"] > 0
         for g, saved in zip(self.param_groups, state_dict["param_groups"]):
-            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+            g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k not in ("params", "lordo")})
         for i in self.full:
             p = self.params[i]
             for k, t in self.state[p].items():

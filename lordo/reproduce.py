@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from lordo.analysis.claims import short_claims
 from lordo.files import write_atomic, write_json
 from lordo.paths import REPO, git_commit, repo_path
 
@@ -81,8 +82,10 @@ def write_readme(params: dict[str, Any], preset: str, timings: dict[str, dict[st
     claims = [pd.read_csv(p).assign(notebook=p.parent.name) for nb in notebooks()
               if (p := figures / nb.stem / "claims.csv").is_file()]
     if claims:
-        table = pd.concat(claims, ignore_index=True)[["notebook", "claim", "paper", "source", "this run", "verdict"]]
-        out += ["## Claims: this run beside the paper", "", table.to_markdown(index=False), ""]
+        table, details = short_claims(pd.concat(claims, ignore_index=True))
+        out += ["## Claims: this run beside the paper", "", "This run's headline number (95% interval in brackets, "
+                "over seeds) beside the paper's; each row's setting, seeds and further numbers are in "
+                "[the details](#claim-details).", "", table, "", "### Claim details", "", *details, ""]
     if timings:
         out += ["## Runtime", "", "Wall-clock minutes of each notebook's latest execution and the commit it ran at; "
                 "runs already in `runs/` are loaded, not retrained, so a notebook that reuses another's runs is fast "

@@ -117,12 +117,13 @@ def check_params(**params: Any) -> dict[str, Any]:
     """Validate a notebook's parameters; return them as a dict. Raises a one-line ValueError naming the first
     bad one. TRAIN_FIELDS may be None (taken from config_dir's files or the package defaults). Called from a
     notebook that papermill ran, a name papermill injected that the notebook does not pass here (a misspelt
-    `-p` name) is an error too: the notebook would otherwise run silently on its default."""
+    `-p` name) is an error too: the notebook would otherwise run silently on its default. Names another
+    notebook owns (CHECKS) pass: one preset file (`papermill -f params/cpu.yaml`) serves every notebook."""
     return _checked(params, sys._getframe(1).f_globals)
 
 
 def _checked(params: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any]:
-    for name in sorted(_papermill_names(namespace) - set(params)):
+    for name in sorted(_papermill_names(namespace) - set(params) - set(CHECKS)):
         raise ValueError(f"unknown notebook parameter {name!r} (given to papermill): allowed {sorted(params)}")
     for name, value in params.items():
         if name not in CHECKS:
