@@ -493,6 +493,10 @@ class LoRDO(torch.optim.Optimizer):
                 self.names.append(name or f"group{gi}.param{j}")
                 if name:
                     named.append((name, p))
+        for name, p in zip(self.names, self.params):
+            if p.is_complex():
+                raise ValueError(f"parameter {name!r} is {p.dtype}: allowed real parameters (torch.view_as_real "
+                                 "makes a complex one real)")
         reasons = full_rank_reasons(named, self._model)
         galore = any(self._explicit_rank)
         self._lowrank: list[bool] = []
@@ -508,7 +512,8 @@ class LoRDO(torch.optim.Optimizer):
                     low = id(p) not in reasons
                     if low and p.ndim == 2 and self._model is None and not g.get("param_names"):
                         unnamed.append(f"{self.names[i]} {tuple(p.shape)}")
-                self._lowrank.append(bool(low) and self.method.lowrank and p.ndim == 2)
+                # a matrix with no elements has nothing to compress: it stays full-rank
+                self._lowrank.append(bool(low) and self.method.lowrank and p.ndim == 2 and p.numel() > 0)
                 i += 1
         if unnamed and self.method.lowrank:
             warnings.warn("lordo: parameters were passed without names, so only their shape decided; low-rank: "
@@ -743,6 +748,10 @@ class LoRDO(torch.optim.Optimizer):
         # A parameter without a gradient is untouched (torch.optim's rule): it steps with zeros where the
         # state is stacked and is restored afterwards. Every-step methods share who has one (as DDP does).
         present = [p.grad is not None for p in self.params]
+        for name, p in zip(self.names, self.params):
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise ValueError(f"parameter {name!r} has a sparse gradient ({p.grad.layout}): allowed dense "
+                                 "gradients (nn.Embedding(sparse=False), the default)")
         grads = [p.grad if has else torch.zeros_like(p) for p, has in zip(self.params, present)]
         if self.world_size > 1 and self.steps == 0 and self.refuse_averaged_gradients:
             self._check_not_averaged(grads)
@@ -1216,6 +1225,10 @@ class LoRDO(torch.optim.Optimizer):
                                      f"{tuple(t.shape)}, this optimizer expects {shape}")
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "lordo" not in state_dict:
+            keys = sorted(state_dict)[:4] if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"state_dict is not a lordo optimizer's (no 'lordo' entry; it holds {keys}): load "
+                             "what LoRDO.state_dict() saved (another optimizer's state does not carry over)")
         meta = state_dict["lordo"]
         if meta["method"] != self.method.name:
             raise ValueError(f"checkpoint is for method {meta['method']!r}, this optimizer is {self.method.name!r}")
