@@ -6,6 +6,7 @@ input is one line with exit status 2, an interrupt 130."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,6 +192,16 @@ def test_eval_export_and_train_wait_their_turn_at_a_run(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert (run.dir / "summary.json").read_bytes() == summary and not (run.dir / "hf").exists()
+
+
+def test_a_lock_whose_holder_exited_names_the_processes_it_left():
+    from lordo.runs import _describe
+    exited = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                text=True).stdout)
+    holder = f"pid {exited} on {socket.gethostname()} since 2026-01-01 00:00:00"
+    assert _describe(holder) == f"processes that {holder} started and that outlive it (its torchrun ranks?)"
+    alive = f"pid {os.getpid()} on {socket.gethostname()} since 2026-01-01 00:00:00"
+    assert _describe(alive) == alive and _describe("") == "another process"
 
 
 def test_an_export_is_fresh_by_its_models_content_not_file_times(tmp_path):
