@@ -221,6 +221,24 @@ def test_an_export_is_fresh_by_its_models_content_not_file_times(tmp_path):
     assert not all(torch.equal(new[k], old[k]) for k in shared)
 
 
+def test_a_files_corpus_edited_in_place_is_prepared_again(tmp_path):
+    """The cache key holds each file's size and mtime; an edit that keeps both (a clock that moved, a copy
+    with -p) is found by the sha256 the cache recorded of each file."""
+    from lordo.data import prepare
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "b.txt").write_text("a second document " * 40)
+    doc = corpus / "a.txt"
+    doc.write_text("the first text! " * 40)
+    stamp = doc.stat().st_mtime_ns
+    first = prepare(f"files:{corpus}/*.txt", "bpe", 300, cache_dir=tmp_path / "cache", val_fraction=0.5)
+    doc.write_text("another texture " * 40)    # as many bytes
+    os.utime(doc, ns=(stamp, stamp))
+    again = prepare(f"files:{corpus}/*.txt", "bpe", 300, cache_dir=tmp_path / "cache", val_fraction=0.5)
+    text = again.decode(again.train) + again.decode(again.val)
+    assert again.dir == first.dir and "another texture" in text and "the first text!" not in text
+
+
 # ---------------------------------------------------------------------- folders a user names
 def test_reproduce_never_replaces_a_users_readme_or_timings(tmp_path):
     preset = tmp_path / "my.yaml"
@@ -259,8 +277,8 @@ def test_inputs_that_cannot_run_are_one_line(tmp_path, capsys):
     corpus.mkdir()
     (corpus / "a.txt").write_text("plain text\n" * 50)
     (corpus / "b.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\x00")
-    code, err = run_cli(["train", *SMOKE, "--steps", "1", "--corpus", f"files:{corpus}/*.txt", "--tokenizer",
-                         "byte", "--out", str(tmp_path / "run")], capsys)
+    code, err = run_cli(["train", *SMOKE, "--steps", "1", "--corpus", f"files:{corpus}/*.txt", "--vocab-size",
+                         "300", "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and err.count("\n") == 1 and f"{corpus / 'b.txt'}, which is not UTF-8 text" in err, err
     if not torch.cuda.is_available():
         run = lordo.train(NANO, steps=2, out=str(tmp_path / "ok"))

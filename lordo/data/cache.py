@@ -88,6 +88,9 @@ def _load(directory: Path, verify: bool) -> Prepared | None:
             path = directory / name
             if path.stat().st_size != expected["bytes"] or (verify and sha256_file(path) != expected["sha256"]):
                 return None
+        # a files: corpus edited in place (its size and file times kept): stale, told by content
+        if verify and any(sha256_file(Path(p)) != h for p, h in manifest.get("sources", {}).items()):
+            return None
         dtype = np.dtype(manifest["dtype"])
         splits = {s: np.memmap(directory / f"{s}.bin", dtype=dtype, mode="r") for s in manifest["splits"]}
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -223,6 +226,7 @@ def _build(out: Path, corpus: Corpus, req: Request, spec: dict) -> None:
         "dtype": dtype.name,
         "splits": counts,
         "files": {"tokenizer.json": tokenizer_file, **token_files},
+        "sources": {path: sha256_file(Path(path)) for path, *_ in spec.get("files", [])},
     }
     # Written last: its presence marks the build complete.
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
