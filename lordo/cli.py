@@ -17,7 +17,11 @@ stops a run with its last checkpoint intact, exit status 130.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
 import sys
+import threading
 
 USAGE_ERROR, INTERRUPTED = 2, 130
 
@@ -145,24 +149,72 @@ def user_error(e: BaseException) -> str | None:
         return f"{e.filename}: {e.strerror or e}"
     if isinstance(e, ValueError | OSError | ConnectionError | LaunchError | RunInUse):
         return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, RuntimeError) and re.search(r"out of memory|can't allocate memory", str(e), re.I):
+        return (f"out of memory: {_memory_line(str(e))}; a smaller --batch-size (with --grad-accum for the same "
+                "tokens per step), --seq-len or --preset needs less")
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(train_options=argv[:1] == ["train"]).parse_args(argv)
-    handler = {"train": _train, "prepare": _prepare, "export": _export, "eval": _eval}[args.command]
+def _memory_line(message: str) -> str:
+    """The line of an allocator's error that says what it tried to allocate."""
+    line = next((ln for ln in message.splitlines() if re.search(r"allocate", ln)), message.splitlines()[0])
+    return re.sub(r"^\[enforce fail at [^]]*\] (err == 0\. )?", "", line).strip()
+
+
+MODULES = {"train": "lordo.launch", "prepare": "lordo.data", "export": "lordo.evaluate", "eval": "lordo.evaluate"}
+_signalled: list[int] = []   # SIGTERM/SIGINT received: an interrupt that library code swallowed still counts
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _start(command: str | None, argv: list[str]) -> argparse.Namespace:
+    """Parse and import what the command runs, with SIGTERM and SIGINT held until the imports are done: an
+    exception raised inside a library's import can be swallowed there (numpy's and torch's can), and would
+    leave the command running on."""
+    import importlib
+
+    held: list[int] = []
+    hold = lambda signum, frame: held.append(signum)
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        handler(args)
+        args = build_parser(train_options=command == "train").parse_args(argv)
+        importlib.import_module(MODULES[args.command])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    # SIGTERM (`kill`, a scheduler) stops every command as Ctrl-C does, from its first line to its last: 130
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    if argv is None:   # the `lordo` command: once it is done, SIGTERM during the interpreter's exit is 130 too
+        previous, argv = (lambda signum, frame: os._exit(INTERRUPTED)), sys.argv[1:]
+    command = argv[0] if argv and argv[0] in MODULES else None
+    _signalled.clear()
+    try:
+        args = _start(command, argv) if in_main else build_parser(command == "train").parse_args(argv)
+        {"train": _train, "prepare": _prepare, "export": _export, "eval": _eval}[args.command](args)
+        if _signalled:
+            raise KeyboardInterrupt
     except KeyboardInterrupt as e:
-        print(f"lordo {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"lordo{f' {command}' if command else ''}: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(INTERRUPTED)
     except Exception as e:
         message = user_error(e)
         if message is None:
             raise
-        print(f"lordo {args.command}: error: {message}", file=sys.stderr)
+        print(f"lordo {command}: error: {message}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

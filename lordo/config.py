@@ -294,6 +294,11 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS
                 and not (k in LATER_OPTIMIZER_FIELDS and v is None)}
 
+    def identity(self) -> dict[str, Any]:
+        """Every field that determines the result, set or not: what a run directory's saved config is compared
+        with (result_dict, the hash key, leaves LATER_OPTIMIZER_FIELDS out at None to keep earlier hashes)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
     def resolved_optimizer(self) -> dict[str, Any]:
         """Every optimizer hyper-parameter this run uses: its own, else the package defaults."""
         hp = {**DEFAULTS, **self.optimizer_hparams()}

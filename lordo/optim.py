@@ -539,6 +539,9 @@ class LoRDO(torch.optim.Optimizer):
                                  "parallel), but lordo projects and averages whole matrices on every worker: pass "
                                  "the unsharded model, or wrapped in DistributedDataParallel (README: Distributed "
                                  "checkpoints and sharding)")
+            if p.is_complex():
+                raise ValueError(f"parameter {name!r} is {p.dtype}: allowed real parameters (torch.view_as_real "
+                                 "makes a complex one real)")
         reasons = full_rank_reasons(named, self._model)
         galore = any(self._explicit_rank)
         self._lowrank: list[bool] = []
@@ -554,7 +557,8 @@ class LoRDO(torch.optim.Optimizer):
                     low = id(p) not in reasons
                     if low and p.ndim == 2 and self._model is None and not g.get("param_names"):
                         unnamed.append(f"{self.names[i]} {tuple(p.shape)}")
-                self._lowrank.append(bool(low) and self.method.lowrank and p.ndim == 2)
+                # a matrix with no elements has nothing to compress: it stays full-rank
+                self._lowrank.append(bool(low) and self.method.lowrank and p.ndim == 2 and p.numel() > 0)
                 i += 1
         if unnamed and self.method.lowrank:
             warnings.warn("lordo: parameters were passed without names, so only their shape decided; low-rank: "
@@ -788,6 +792,10 @@ class LoRDO(torch.optim.Optimizer):
         # A parameter without a gradient is untouched (torch.optim's rule): it steps with zeros where the
         # state is stacked and is restored afterwards. Every-step methods share who has one (as DDP does).
         present = [p.grad is not None for p in self.params]
+        for name, p in zip(self.names, self.params):
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise ValueError(f"parameter {name!r} has a sparse gradient ({p.grad.layout}): allowed dense "
+                                 "gradients (nn.Embedding(sparse=False), the default)")
         grads = [p.grad if has else torch.zeros_like(p) for p, has in zip(self.params, present)]
         if self.world_size > 1 and self.steps == 0 and self.refuse_averaged_gradients:
             self._check_not_averaged(grads)
@@ -1333,7 +1341,13 @@ class LoRDO(torch.optim.Optimizer):
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # in the first param group; checkpoints written before that hold it at the top
-        meta = state_dict["lordo"] if "lordo" in state_dict else state_dict["param_groups"][0]["lordo"]
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        meta = (state_dict["lordo"] if "lordo" in state_dict else groups[0].get("lordo")) \
+            if isinstance(state_dict, dict) and ("lordo" in state_dict or groups) else None
+        if meta is None:
+            keys = sorted(state_dict)[:4] if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(f"state_dict is not a lordo optimizer's (no 'lordo' entry; it holds {keys}): load "
+                             "what LoRDO.state_dict() saved (another optimizer's state does not carry over)")
         if meta["method"] != self.method.name:
             raise ValueError(f"checkpoint is for method {meta['method']!r}, this optimizer is {self.method.name!r}")
         if len(meta["names"]) != len(self.params):

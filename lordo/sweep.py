@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="cpu", help="notebooks/params/<preset>.yaml or a .yaml path (default cpu)")
     parser.add_argument("--recompute", action="store_true", help="recompute even when the cached tables match")
     args = parser.parse_args(argv)
-    values = load_preset(args.preset)
+    values = load_preset(args.preset, "lordo.sweep")
     values["steps"] = values.get("gap_steps")   # as in notebook 06: the shared point trains gap_steps
     try:
         P = check_params(**{k: values.get(k) for k in PARAMS})

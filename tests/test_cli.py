@@ -299,7 +299,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capf
     bad = tmp_path / "cut" / "checkpoints" / "step_0000012" / "rank1.pt"
     bad.write_bytes(bad.read_bytes()[:1000])                    # truncated
     resumed = lordo.train(cfg, out=str(tmp_path / "cut"), resume=True)
-    assert f"checkpoint {bad} is unreadable" in capfd.readouterr().err
+    assert f"checkpoint {bad} is damaged" in capfd.readouterr().err
     same_result(straight.dir, resumed.dir)
 
 
