@@ -92,7 +92,11 @@ def calibrated(case: str, measure: Callable[[], dict[str, float]]) -> tuple[dict
     ranks of a run on one machine wait for the first and read its timings)."""
     ext, path = lowrank_cpu(), calibration_file()
     key = " | ".join((hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10], cpu_model(), ext.set_isa(), case))
-    with open(path.with_suffix(".lock"), "a") as lock:
+    try:
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError:   # a cache this user cannot write: measured in every process
+        return measure(), False
+    with lock:
         try:
             import fcntl
             fcntl.flock(lock, fcntl.LOCK_EX)
