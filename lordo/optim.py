@@ -366,7 +366,9 @@ def _time_step_paths(method: str, hparams: dict[str, Any], stored: tuple[int, in
         params = [(torch.randn(stored, generator=gen) * 0.02).requires_grad_() for _ in range(n)]
         for p in params:    # global norm 0.5: under a clip of 1 the gradients stay as they are
             p.grad = torch.randn(stored, generator=gen) * (0.5 / math.sqrt(n * p.numel()))
-        opts[path] = LoRDO([{"params": params, "lowrank": True}], method, fused=fused, **hparams)
+        with warnings.catch_warnings():   # under torchrun: that this optimizer has no communicator (it needs none)
+            warnings.simplefilter("ignore")
+            opts[path] = LoRDO([{"params": params, "lowrank": True}], method, fused=fused, **hparams)
         for _ in range(2):
             opts[path].step()
     best = dict.fromkeys(opts, math.inf)
@@ -588,11 +590,16 @@ class LoRDO(torch.optim.Optimizer):
             self._kernels = lowrank_cpu()
             if self._kernels is None and self.fused:
                 raise RuntimeError(f"lordo: fused=True, but the CPU kernels could not be built: {build_error()}")
-            if self._kernels is not None and self.fused is None:   # the faster path for each shape on this CPU
+            if self.fused is None:   # the faster path for each shape on this CPU
                 for b in self.buckets:
-                    if b.compiled:
+                    if b.compiled and self._kernels is not None:
                         b.calibration = self._calibrate(b)
                         b.compiled = b.calibration["kernels"] <= b.calibration["eager"]
+                if self.world_size > 1:   # worker 0's paths everywhere: replicas that step alike stay bit-identical
+                    chosen = torch.tensor([float(b.compiled) for b in self.buckets], device=self.params[0].device)
+                    self.comm.broadcast_(chosen, src=0)   # once, a few bytes: not in comm_stats
+                    for b, kernels in zip(self.buckets, chosen.tolist()):
+                        b.compiled = b.calibration is not None and kernels > 0
                 if not any(b.compiled for b in self.buckets):
                     self._kernels = None
         elif self.fused and self.buckets:
@@ -1015,8 +1022,8 @@ class LoRDO(torch.optim.Optimizer):
     def step_paths(self) -> list[dict[str, Any]]:
         """Per bucket of same-shape low-rank matrices: the path its step runs ("kernels <instruction set>" or
         "eager"; None before the first step, which decides it) and why. With fused=None on a CPU in float32
-        the faster of the two on this machine and shape, by `_calibrate`'s seconds per step (`kernels_ms`,
-        `eager_ms`, `cached`)."""
+        the faster of the two on this machine and shape (distributed: on worker 0's, for every worker), by
+        `_calibrate`'s seconds per step (`kernels_ms`, `eager_ms`: this worker's; `cached`)."""
         out = []
         for b in self.buckets:
             row: dict[str, Any] = {"matrices": len(b.indices), "stored_shape": b.shape[::-1] if b.transposed[0]
@@ -1026,7 +1033,8 @@ class LoRDO(torch.optim.Optimizer):
                 row["path"] = f"kernels {self._kernels.set_isa()}" if kernels else "eager"
                 if b.calibration is not None:
                     c = b.calibration
-                    row |= {"why": "fused=None: the faster here" + (" (cached)" if c["cached"] else ""),
+                    where = "on worker 0" if self.world_size > 1 else "here"
+                    row |= {"why": f"fused=None: the faster {where}" + (" (cached)" if c["cached"] else ""),
                             "kernels_ms": 1e3 * c["kernels"], "eager_ms": 1e3 * c["eager"], "cached": c["cached"]}
                 elif self.fused is not None:
                     row["why"] = f"fused={self.fused}"

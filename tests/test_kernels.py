@@ -12,13 +12,14 @@ fresh projection, bf16 state).
 """
 
 import json
+import threading
 
 import pytest
 import torch
 
 import lordo.kernels
 import lordo.optim
-from lordo.comm import cpu_threads
+from lordo.comm import cpu_threads, run_simulated
 from lordo.optim import make_optimizer
 
 SHAPES = {"emb": (16, 48), "w_in": (48, 24), "w_out": (24, 72), "bias": (72,)}   # w_in: p > q, stored transposed
@@ -161,6 +162,34 @@ def test_the_calibration_times_both_paths_for_real(tmp_path, monkeypatch):
         assert 0 < row["kernels_ms"] < 1e4 and 0 < row["eager_ms"] < 1e4 and not row["cached"]
         assert row["path"].startswith("kernels") == (row["kernels_ms"] <= row["eager_ms"])
     assert len(json.loads((tmp_path / "calibration.json").read_text())) == 2
+
+
+def test_every_worker_takes_worker_0s_paths(monkeypatch):
+    """Distributed (simulated workers), each shape steps on worker 0's choice on every worker, here against worker
+    1's own timings, so the replicas of lowrank_ddp, which step alike on averaged gradients, stay bit-identical."""
+    def timings(case, measure):   # worker 0 measures the kernels faster, worker 1 the eager path
+        kernels_first = threading.current_thread().name == "lordo-worker-0"
+        return {"kernels": 0.001, "eager": 0.002} if kernels_first else {"kernels": 0.002, "eager": 0.001}, False
+
+    monkeypatch.setattr(lordo.optim, "calibrated", timings)
+    isa = lordo.kernels.lowrank_cpu().set_isa()
+
+    def worker(comm):
+        params = init_params()
+        groups = [{"params": [params["w_in"], params["w_out"], params["bias"]], "lowrank": True},
+                  {"params": [params["emb"]], "lowrank": False}]
+        opt = make_optimizer("lowrank_ddp", groups, comm=comm, lr=0.02, rank=4)
+        for step in range(3):
+            loss(params, 2 * step + comm.rank).backward()
+            opt.step()
+            opt.zero_grad()
+        return params, opt.step_paths()
+
+    (params0, paths0), (params1, paths1) = run_simulated(worker, 2)
+    for paths in (paths0, paths1):
+        assert [(r["path"], r["why"]) for r in paths] == [(f"kernels {isa}", "fused=None: the faster on worker 0")] * 2
+    assert paths1[0]["kernels_ms"] == 2.0 and paths1[0]["eager_ms"] == 1.0   # its own timings, said as such
+    assert all(torch.equal(params0[n], params1[n]) for n in SHAPES)
 
 
 def test_low_precision_state_and_float64_stay_eager(monkeypatch):
