@@ -77,8 +77,10 @@ struct Narrow : Lanes<8> {   // 16 registers of 8 floats (AVX2)
   static constexpr int cols_rows(int vecs) { return vecs == 1 ? 8 : 12 / vecs; }
   static constexpr int apply_rows = 6, apply_vecs = 2, apply_chunk = 24;
 };
-struct Plain : Lanes<4> {   // any CPU (16 registers of 4 floats: SSE2, NEON): FMA per lane from the C library where
-  static constexpr bool contract = false;   // the CPU has none
+// Any CPU (16 registers of 4 floats: SSE2, NEON), FMA per lane from the C library's fmaf where the build targets
+// no FMA instruction: a call per lane, so this build is slower than the eager path there (optim.py times both).
+struct Plain : Lanes<4> {
+  static constexpr bool contract = false;
   static constexpr int lanes = 4;
   static constexpr int rows_k = 6, rows_vecs = 2, rows_block = 32;
   static constexpr int cols_vecs = 2;
