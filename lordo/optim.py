@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lordo.comm import disable_ddp_allreduce
-from lordo.kernels import build_error, lowrank_cpu
+from lordo.kernels import build_error, calibrated, lowrank_cpu
 from lordo.projection import (
     PROJ_METHODS,
     basis_similarity,
@@ -384,6 +384,32 @@ class _Bucket:
     coherence: list[list[float]] | None = None  # diagnostics: per matrix, COHERENCE_FIELDS at the last sync
     work: torch.Tensor | None = None  # (n, r, q) workspace of the step: no (n, p, q) temporaries
     compiled: bool = False          # eligible for the compiled CPU kernels (float32 on CPU, fused not False)
+    calibration: dict[str, Any] | None = None   # fused=None: seconds per step of each path, and whether cached
+
+
+def _time_step_paths(method: str, hparams: dict[str, Any], stored: tuple[int, int], n: int,
+                     repeats: int = 3) -> dict[str, float]:
+    """Seconds per local step of n random matrices stored with this shape (the bucket's path alone: no other
+    parameters), with the compiled kernels and eager: the best of `repeats` each, taking turns, after two
+    untimed steps (the first computes the projection)."""
+    gen = torch.Generator().manual_seed(0)
+    opts = {}
+    for path, fused in (("kernels", True), ("eager", False)):
+        params = [(torch.randn(stored, generator=gen) * 0.02).requires_grad_() for _ in range(n)]
+        for p in params:    # global norm 0.5: under a clip of 1 the gradients stay as they are
+            p.grad = torch.randn(stored, generator=gen) * (0.5 / math.sqrt(n * p.numel()))
+        with warnings.catch_warnings():   # under torchrun: that this optimizer has no communicator (it needs none)
+            warnings.simplefilter("ignore")
+            opts[path] = LoRDO([{"params": params, "lowrank": True}], method, fused=fused, **hparams)
+        for _ in range(2):
+            opts[path].step()
+    best = dict.fromkeys(opts, math.inf)
+    for _ in range(repeats):
+        for path, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            best[path] = min(best[path], time.perf_counter() - t0)
+    return best
 
 
 def _zeros_like_weights(p: torch.Tensor, n: int, rows: int, cols: int, transposed: bool,
@@ -451,8 +477,9 @@ class LoRDO(torch.optim.Optimizer):
     its first forward (without it: at the first step, after the first gradients).
     `fused`: None (default) runs the low-rank step's full-size work in the compiled CPU kernels
     (`lordo.kernels`) where they apply (float32 on CPU; the same results at any thread count, and the eager
-    path's to the last bits), warning once and running eagerly if they cannot be built; True requires them;
-    False never builds them.
+    path's to the last bits) and, per shape, measure faster than the eager path on this CPU (timed at the
+    first step, then cached: `lordo.kernels.calibrated`; `step_paths()` says which path each shape takes),
+    warning once and running eagerly if they cannot be built; True requires them; False never builds them.
 
     Distributed, the first step checks that the workers' gradients differ: equal ones mean that
     something (DDP) already averaged them, which is refused. Set `refuse_averaged_gradients = False`
@@ -613,6 +640,18 @@ class LoRDO(torch.optim.Optimizer):
             self._kernels = lowrank_cpu()
             if self._kernels is None and self.fused:
                 raise RuntimeError(f"lordo: fused=True, but the CPU kernels could not be built: {build_error()}")
+            if self.fused is None:   # the faster path for each shape on this CPU
+                for b in self.buckets:
+                    if b.compiled and self._kernels is not None:
+                        b.calibration = self._calibrate(b)
+                        b.compiled = b.calibration["kernels"] <= b.calibration["eager"]
+                if self.world_size > 1:   # worker 0's paths everywhere: replicas that step alike stay bit-identical
+                    chosen = torch.tensor([float(b.compiled) for b in self.buckets], device=self.params[0].device)
+                    self.comm.broadcast_(chosen, src=0)   # once, a few bytes: not in comm_stats
+                    for b, kernels in zip(self.buckets, chosen.tolist()):
+                        b.compiled = b.calibration is not None and kernels > 0
+                if not any(b.compiled for b in self.buckets):
+                    self._kernels = None
         elif self.fused and self.buckets:
             raise ValueError("lordo: fused=True needs float32 low-rank matrices on CPU with state_dtype='float32' "
                              "(on a GPU or in other dtypes the step runs its eager path: use fused=None)")
@@ -1025,6 +1064,46 @@ class LoRDO(torch.optim.Optimizer):
         for j, i in enumerate(b.indices):
             _apply_lowrank_(self.params[i], grads[j], b.Q[j], N[j], b.transposed[j], lr=lr, decay=decay,
                             qh=None if qh is None else qh[j], ef=ef[j] if pending else None)
+
+    def _calibrate(self, b: _Bucket) -> dict[str, Any]:
+        """Seconds per step of bucket b's shape with the kernels and eager on this CPU: measured on up to 4
+        synthetic matrices of its shape at the first use (at the thread count then), then cached per CPU model,
+        instruction set and shape, not per thread count: a run takes the same path, and so gets the same bits,
+        with any number of threads."""
+        stored = b.shape[::-1] if b.transposed[0] else b.shape
+        n = min(len(b.indices), 4)
+        hp = {**self.hparams, **{k: b.group[k] for k in GROUP_KEYS}, "rank": b.rank, "sync_every": 10**9,
+              "diagnostics": False}
+        case = (f"{self.method.name}: {n} x {stored[0]}x{stored[1]} rank {b.rank}, "
+                + ", ".join(f"{k}={hp[k]}" for k in ("error_feedback", "omega", "qh_scale", "clip")))
+        seconds, cached = calibrated(case, lambda: _time_step_paths(self.method.name, hp, stored, n))
+        return {**seconds, "cached": cached}
+
+    def step_paths(self) -> list[dict[str, Any]]:
+        """Per bucket of same-shape low-rank matrices: the path its step runs ("kernels <instruction set>" or
+        "eager"; None before the first step, which decides it) and why. With fused=None on a CPU in float32
+        the faster of the two on this machine and shape (distributed: on worker 0's, for every worker), by
+        `_calibrate`'s seconds per step (`kernels_ms`, `eager_ms`: this worker's; `cached`)."""
+        out = []
+        for b in self.buckets:
+            row: dict[str, Any] = {"matrices": len(b.indices), "stored_shape": b.shape[::-1] if b.transposed[0]
+                                   else b.shape, "rank": b.rank, "path": None, "why": "decided at the first step"}
+            if self._initialized:
+                kernels = b.compiled and self._kernels is not None
+                row["path"] = f"kernels {self._kernels.set_isa()}" if kernels else "eager"
+                if b.calibration is not None:
+                    c = b.calibration
+                    where = "on worker 0" if self.world_size > 1 else "here"
+                    row |= {"why": f"fused=None: the faster {where}" + (" (cached)" if c["cached"] else ""),
+                            "kernels_ms": 1e3 * c["kernels"], "eager_ms": 1e3 * c["eager"], "cached": c["cached"]}
+                elif self.fused is not None:
+                    row["why"] = f"fused={self.fused}"
+                elif not b.compiled:
+                    row["why"] = "the kernels take float32 matrices and state on CPU"
+                else:
+                    row["why"] = f"the kernels could not be built: {build_error()}"
+            out.append(row)
+        return out
 
     def _compiled(self, b: _Bucket, grads: list[torch.Tensor]) -> bool:
         """Whether this step of bucket b runs the compiled CPU kernels (lordo/csrc/lowrank_cpu.cpp)."""
