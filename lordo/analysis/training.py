@@ -43,6 +43,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "mu 4": {"mu": 4.0},
     "mu 16": {"mu": 16.0},
     "full-rank lr x0.3": {"fullrank_lr_scale": 0.3},
+    "full-rank lr x3": {"fullrank_lr_scale": 3.0},
 }
 
 
