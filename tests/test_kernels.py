@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import lordo.kernels
-import lordo.optim
+import lordo.optim.optimizer
 from lordo.comm import cpu_threads
 from lordo.optim import make_optimizer
 
@@ -51,7 +51,7 @@ class Spy:
 def train(method: str, hp: dict, fused: bool | None, monkeypatch) -> tuple[dict, dict, int]:
     """Parameters, optimizer state and kernel calls after STEPS steps."""
     spy = Spy(lordo.kernels.lowrank_cpu())
-    monkeypatch.setattr(lordo.optim, "lowrank_cpu", lambda: spy)
+    monkeypatch.setattr(lordo.optim.optimizer, "lowrank_cpu", lambda: spy)
     params = init_params()
     groups = [{"params": [params["w_in"], params["w_out"], params["bias"]], "lowrank": True,
                "param_names": ["w_in", "w_out", "bias"]},
@@ -112,7 +112,7 @@ def test_low_precision_state_and_float64_stay_eager(monkeypatch):
     opt = make_optimizer("lordo", [{"params": list(params.values()), "param_names": list(params)}], lr=0.02, rank=4)
     loss({n: p.float() for n, p in params.items()}, 0).backward()
     opt.step()
-    assert opt._kernels is None
+    assert opt.kernels is None
 
 
 def test_fused_true_refuses_what_the_kernels_do_not_cover():
@@ -140,7 +140,7 @@ def test_a_failed_build_falls_back_to_the_eager_step(monkeypatch):
     loss(params, 0).backward()
     with pytest.warns(UserWarning, match="CPU kernels could not be built .*Ninja is required.*eager PyTorch path"):
         opt.step()
-    assert opt._kernels is None and lordo.kernels.build_error().endswith("Ninja is required to load C++ extensions")
+    assert opt.kernels is None and lordo.kernels.build_error().endswith("Ninja is required to load C++ extensions")
     strict = make_optimizer("lordo", [{"params": list(params.values()), "param_names": list(params)}], fused=True)
     with pytest.raises(RuntimeError, match="fused=True, but the CPU kernels could not be built: RuntimeError: Ninja"):
         strict.step()
