@@ -96,10 +96,10 @@ def adamw_step(w: Tensor, g: Tensor, s: AdamState, lr, betas, eps, weight_decay,
 
 
 def lowrank_step(w: Tensor, g_hat: Tensor, s: LowRankState, lr, betas, eps, weight_decay, omega,
-                 error_feedback: bool, qh_scale: str = "mean_denom", store=keep) -> Tensor:
+                 error_feedback: bool, qh_scale: str = "mean_denom", mu: float = 1.0, store=keep) -> Tensor:
     """Spec section 3: low-rank Adam with error feedback plus the full-rank QH term (oriented tensors);
     E, u and v are kept through `store`. `qh_scale="update_rms"`: the full-rank term has the RMS of the
-    low-rank update `low` instead of the spec's scale 1 / mean(D)."""
+    low-rank update `low` instead of the spec's scale 1 / mean(D); either is divided by the scaling factor mu."""
     b1, b2 = betas
     a = g_hat + s.e if error_feedback else g_hat
     g = s.q.T @ a
@@ -118,7 +118,7 @@ def lowrank_step(w: Tensor, g_hat: Tensor, s: LowRankState, lr, betas, eps, weig
         full = g_hat * (torch.linalg.norm(low) / g_norm) if g_norm > 0 else torch.zeros_like(g_hat)
     else:
         raise ValueError(f"qh_scale must be mean_denom or update_rms, got {qh_scale!r}")
-    update = omega * low + (1 - omega) * full
+    update = omega * low + (1 - omega) * full / mu
     return w - lr * (update + weight_decay * w)
 
 
@@ -167,7 +167,9 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
                     clip: float | None = None, error_feedback: bool = True,
                     moments_on_refresh: str = "keep", proj_every: int = 1, outer_lr: float = 1.0,
                     outer_momentum: float = 0.0, proj_source: str = "pseudo_gradient", qh_scale: str = "mean_denom",
-                    state_dtype: str = "float32", seed: int = 0) -> list[Params]:
+                    mu: float = 1.0, average_moments: str = "none", average_moments_every: int = 1,
+                    ef_on_sync: str = "keep", fullrank_lr_scale: float = 1.0, state_dtype: str = "float32",
+                    seed: int = 0) -> list[Params]:
     """Train M workers for `steps` steps from identical `init_params`; return each worker's parameters.
 
     `matrices` names the parameters that get the low-rank step (low-rank methods only); every other
@@ -176,11 +178,18 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
     worker's own for lordo_local, their mean otherwise) instead of from the pseudo-gradients. `qh_scale`: see
     `lowrank_step`. `state_dtype`
     "bfloat16" stores moments and error feedback rounded stochastically (random draws from `seed`).
+    At the s-th synchronization, before Q is refreshed: if s is a multiple of `average_moments_every`, the
+    workers' moments named by `average_moments` ("lowrank": u, v; "adamw": the AdamW parameters' m, v; "all";
+    "none") are replaced by their mean; `ef_on_sync` "average" replaces each E by the workers' mean, "reset" by
+    zeros, and "reproject" (after the refresh) by Q_new Q_new^T E; "keep" leaves it. In the low-rank methods
+    the AdamW parameters step with lr * `fullrank_lr_scale`.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; one of {METHODS}")
     if omega is None:
         omega = 0.7 if method == "lordo" else 1.0
+    if method not in LOWRANK_METHODS:
+        fullrank_lr_scale = 1.0
     lowrank = set(matrices) if method in LOWRANK_METHODS else set()
     transposed = {n: init_params[n].shape[0] > init_params[n].shape[1] for n in lowrank}
     ranks = {n: resolve_rank(rank, init_params[n].shape) for n in lowrank}
@@ -230,13 +239,32 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
                 if n in lowrank:
                     t = transposed[n]
                     new = lowrank_step(oriented(w, t), oriented(g, t), low[m][n], omega=omega,
-                                       error_feedback=error_feedback, qh_scale=qh_scale, **adam_hp)
+                                       error_feedback=error_feedback, qh_scale=qh_scale, mu=mu, **adam_hp)
                     params[m][n] = oriented(new, t)
                 else:
-                    params[m][n] = adamw_step(w, g, adam[m][n], **adam_hp)
+                    params[m][n] = adamw_step(w, g, adam[m][n], **adam_hp | dict(lr=lr * fullrank_lr_scale))
 
         if method in LOCAL_METHODS and (step + 1) % sync_every == 0:
             deltas = [{n: params[m][n] - anchor[n] for n in init_params} for m in range(workers)]
+            if ((step + 1) // sync_every) % average_moments_every == 0:
+                for n in init_params:
+                    if n in lowrank and average_moments in ("lowrank", "all"):
+                        u, v = mean([low[m][n].u for m in range(workers)]), mean([low[m][n].v for m in range(workers)])
+                        for m in range(workers):
+                            low[m][n].u, low[m][n].v = u.clone(), v.clone()
+                    if n not in lowrank and average_moments in ("adamw", "all"):
+                        m1 = mean([adam[m][n].m for m in range(workers)])
+                        m2 = mean([adam[m][n].v for m in range(workers)])
+                        for m in range(workers):
+                            adam[m][n].m, adam[m][n].v = m1.clone(), m2.clone()
+            for n in lowrank:
+                if ef_on_sync == "average":
+                    e = mean([low[m][n].e for m in range(workers)])
+                    for m in range(workers):
+                        low[m][n].e = e.clone()
+                elif ef_on_sync == "reset":
+                    for m in range(workers):
+                        low[m][n].e = torch.zeros_like(low[m][n].e)
             for n in init_params:
                 delta = mean([d[n] for d in deltas])
                 # Outer Nesterov SGD on the outer gradient -delta; with outer_lr 1 and momentum 0 this is
@@ -250,4 +278,7 @@ def reference_train(method: str, init_params: Params, grad_fn: Callable[[int, in
                     sources = [d[n] for d in deltas] if proj_source == "pseudo_gradient" else [g[n] for g in grads]
                     for m in range(workers):
                         set_projection(m, n, sources[m] if method == "lordo_local" else mean(sources))
+                        if ef_on_sync == "reproject":
+                            s = low[m][n]
+                            s.e = s.q @ (s.q.T @ s.e)
     return params

@@ -32,7 +32,9 @@ def test_every_optimizer_option_is_a_config_field():
 
 
 @pytest.mark.parametrize("name,value", [("proj_iters", 3), ("nonfinite", "skip"), ("bucket_mb", 0.5),
-                                        ("qh_scale", "update_rms")])
+                                        ("qh_scale", "update_rms"), ("mu", 4.0), ("average_moments", "all"),
+                                        ("average_moments_every", 2), ("ef_on_sync", "reproject"),
+                                        ("fullrank_lr_scale", 0.3)])
 def test_optimizer_options_reach_the_optimizer(name, value):
     cfg = make_config(method="lordo", preset="nano", **{name: str(value)})     # as typed on the command line
     assert cfg.optimizer_hparams()[name] == value

@@ -211,3 +211,41 @@ def test_the_qh_terms_size_is_recorded_before_each_synchronization(qh_scale):
         assert max(abs(x - 0.4 / 0.6) for x in ratios) > 1e-2
     log = train("lordo_global", 2, 3, on_step=on_step, diagnostics=True)[0]
     assert {r["qh_to_lowrank"] for rs in log for r in rs} == {None}
+
+
+@pytest.mark.parametrize("method", ["lordo", "local_adam"])
+def test_update_coherence_is_one_for_identical_workers_and_below_otherwise(method):
+    """Coherence ||mean_m Delta_m|| / mean_m ||Delta_m|| (diagnostics): 1 when every worker sees the same batches,
+    in (0, 1) when they differ (triangle inequality), for each part it records."""
+    def coherences(data):
+        logs = train(method, 2, 6, data=data, diagnostics=True, on_step=lambda opt, _: opt.pop_diagnostics())
+        return [v for rec in logs[0] for r in rec for k, v in r.items() if k.startswith("coherence")]
+
+    same = coherences(lambda worker, step, dtype: batch(0, step, dtype))
+    differ = coherences(batch)
+    parts = 1 if method == "local_adam" else 1 + 3 * 2    # full-rank; per matrix whole, in and outside span(Q)
+    assert len(same) == len(differ) == 2 * parts           # two synchronizations
+    torch.testing.assert_close(torch.tensor(same), torch.ones(len(same)), rtol=0, atol=1e-5)
+    assert all(0 < c < 0.999 for c in differ)
+
+
+def test_averaged_states_are_counted_in_bytes_and_make_workers_states_equal():
+    """average_moments="all" and ef_on_sync="average": after each sync every worker holds the same moments and error
+    feedback, and each averaged state's bytes are counted by kind (float32: 4 bytes an entry, per sync)."""
+    def states(opt, _):
+        low = [t.clone() for b in opt.buckets for t in (b.exp_avg, b.exp_avg_sq, b.ef)]
+        full = [opt.state[opt.params[i]][k].clone() for i in opt.adamw_indices for k in ("exp_avg", "exp_avg_sq")]
+        return opt.synced, low + full, opt.comm_stats()["by_kind"]
+
+    logs = train("lordo", 2, 6, average_moments="all", ef_on_sync="average", on_step=states)
+    for (synced, s0, _), (_, s1, _) in zip(*logs):
+        if synced:
+            for a, b in zip(s0, s1):
+                assert torch.equal(a, b)
+    kinds = logs[0][-1][2]
+    r, syncs = RANK, 2
+    assert kinds["lowrank_moments"]["payload_bytes"] == syncs * 4 * 2 * (r * 12 + r * 10)   # u, v: r x q each
+    assert kinds["adamw_moments"]["payload_bytes"] == syncs * 4 * 2 * 12                    # the bias's m, v
+    assert kinds["error_feedback"]["payload_bytes"] == syncs * 4 * (8 * 12 + 10 * 6)
+    before_sync = [s for (synced, s, _) in logs[0] if not synced]
+    assert not all(torch.equal(a, b) for a, b in zip(before_sync[-1], [s for (sy, s, _) in logs[1] if not sy][-1]))

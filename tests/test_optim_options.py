@@ -15,7 +15,9 @@ from lordo.optim.options import FIRST_RELEASE
 # a value outside each option's kind
 BAD = {"lr": -1.0, "seed": -1, "rank": 0, "sync_every": 0, "omega": 1.5, "weight_decay": -0.1, "betas": (0.9, 1.0),
        "eps": 0.0, "clip": 0.0, "error_feedback": "yes", "moments_on_refresh": "swap", "proj_method": "qr",
-       "proj_every": 0, "proj_iters": 0, "proj_source": "loss", "qh_scale": "max", "outer_lr": 0.0,
+       "proj_every": 0, "proj_iters": 0, "proj_source": "loss", "qh_scale": "max", "mu": 0.0,
+       "average_moments": "some", "average_moments_every": 0, "ef_on_sync": "drop", "fullrank_lr_scale": 1001.0,
+       "outer_lr": 0.0,
        "outer_momentum": 1.0, "comm_dtype": "int8", "state_dtype": "float16", "host_anchor": 1, "nonfinite": "ignore",
        "bucket_mb": 0, "diagnostics": None}
 
@@ -47,9 +49,11 @@ def test_the_config_fields_and_help_come_from_the_rows():
 
 
 def test_the_hash_compatibility_comes_from_the_rows():
-    assert set(LATER_OPTIMIZER_FIELDS) == {"proj_iters", "nonfinite", "bucket_mb", "qh_scale"}
+    assert set(LATER_OPTIMIZER_FIELDS) == {"proj_iters", "nonfinite", "bucket_mb", "qh_scale", "mu", "average_moments",
+                                           "average_moments_every", "ef_on_sync", "fullrank_lr_scale"}
     assert all(OPTIONS[n].since > FIRST_RELEASE for n in LATER_OPTIMIZER_FIELDS)
-    assert IMPLICIT_BEFORE == {"qh_scale": "mean_denom"}
+    assert IMPLICIT_BEFORE == {"qh_scale": "mean_denom", "mu": 1.0, "average_moments": "none",
+                               "average_moments_every": 1, "ef_on_sync": "keep", "fullrank_lr_scale": 1.0}
     unset = TrainConfig(method="lordo", preset="tiny")
     assert unset.hash() == TrainConfig(method="lordo", preset="tiny", qh_scale=None).hash()
     assert unset.hash() != TrainConfig(method="lordo", preset="tiny", qh_scale="mean_denom").hash()   # set: keyed

@@ -15,21 +15,30 @@ from lordo.reference import reference_train
 
 CASES = {
     "ddp": [{}, {"weight_decay": 0.1, "clip": 0.05}],
-    "lowrank_ddp": [{}, {"error_feedback": False, "weight_decay": 0.1, "clip": 0.05},
+    "lowrank_ddp": [{}, {"error_feedback": False, "weight_decay": 0.1, "clip": 0.05}, {"fullrank_lr_scale": 0.3},
                     {"moments_on_refresh": "reset"}, {"moments_on_refresh": "rotate", "rank": 0.5}],
-    "local_adam": [{}, {"weight_decay": 0.1, "clip": 0.05}, {"outer_lr": 0.7, "outer_momentum": 0.9}],
+    "local_adam": [{}, {"weight_decay": 0.1, "clip": 0.05}, {"outer_lr": 0.7, "outer_momentum": 0.9},
+                   {"average_moments": "adamw"}],
     "lordo_local": [{}, {"moments_on_refresh": "reset", "clip": 0.05}, {"moments_on_refresh": "rotate"},
-                    {"error_feedback": False, "weight_decay": 0.1}, {"proj_source": "gradient"}],
+                    {"error_feedback": False, "weight_decay": 0.1}, {"proj_source": "gradient"},
+                    {"average_moments": "adamw", "ef_on_sync": "reproject"}, {"ef_on_sync": "reset"}],
     # With omega = 1 and no weight decay every update stays in span(Q), so error feedback changes nothing
     # (subspace stagnation): it is switched off only beside weight decay.
     "lordo_global": [{}, {"moments_on_refresh": "reset"}, {"moments_on_refresh": "rotate", "clip": 0.05},
                      {"error_feedback": False, "weight_decay": 0.1},
-                     {"outer_lr": 0.7, "outer_momentum": 0.9}, {"proj_source": "gradient", "clip": 0.05}],
+                     {"outer_lr": 0.7, "outer_momentum": 0.9}, {"proj_source": "gradient", "clip": 0.05},
+                     {"average_moments": "all", "ef_on_sync": "average", "weight_decay": 0.1}],
     "lordo": [{}, {"omega": 1.0}, {"moments_on_refresh": "rotate", "weight_decay": 0.1, "clip": 0.05},
               {"moments_on_refresh": "reset", "error_feedback": False},
               {"omega": 0.5, "outer_lr": 0.7, "outer_momentum": 0.9}, {"proj_source": "gradient"},
               {"qh_scale": "update_rms"}, {"qh_scale": "update_rms", "omega": 0.5, "clip": 0.05, "weight_decay": 0.1},
-              {"qh_scale": "update_rms", "clip": None}],
+              {"qh_scale": "update_rms", "clip": None},
+              # the paper's scaling factor mu; optimizer states at synchronizations (issue 28)
+              {"mu": 4.0}, {"qh_scale": "update_rms", "mu": 0.5, "clip": 0.05},
+              {"average_moments": "all"}, {"average_moments": "lowrank", "average_moments_every": 2},
+              {"average_moments": "adamw", "ef_on_sync": "average", "moments_on_refresh": "rotate"},
+              {"ef_on_sync": "reset"}, {"ef_on_sync": "reproject", "moments_on_refresh": "rotate"},
+              {"fullrank_lr_scale": 0.3, "weight_decay": 0.1}],
 }
 
 

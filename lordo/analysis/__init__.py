@@ -46,6 +46,7 @@ from lordo.analysis.stats import ci95, fmt_gap, paired_gap, slope_fits
 from lordo.analysis.tables import (
     LAYER_TYPES,
     cached_tables,
+    coherence_records,
     curves,
     describe,
     layer_type,
@@ -71,7 +72,7 @@ from lordo.optim import DEFAULTS, METHODS  # what the notebooks read beside the 
 
 __all__ = ["ABLATIONS", "CHECKS", "COMM_REDUCTION_SHARE", "DEFAULTS", "EXPLORING_EXPLORED", "LAYER_TYPES", "METHODS",
            "SHARED_PARAMS", "SQRT_B_SLOPE", "STAGNANT_EXPLORED", "STAGNANT_SIMILARITY", "STATE_RATIO_TOLERANCE",
-           "TRAIN_FIELDS", "cached_tables", "check_params", "ci95", "claim", "claims_table",
+           "TRAIN_FIELDS", "cached_tables", "coherence_records", "check_params", "ci95", "claim", "claims_table",
            "comm_reduction_verdict", "curves",
            "describe", "downstream", "exploration_verdict", "fmt_gap", "ladder_config", "layer_type", "load_run_model",
            "load_table",

@@ -12,7 +12,7 @@ import pandas as pd
 
 from lordo.analysis.training import min_side, resolved_rank
 from lordo.files import write_atomic, write_json
-from lordo.optim import METHODS
+from lordo.optim import FULL_RANK_RECORD, METHODS
 from lordo.paths import repo_path
 from lordo.runs import Run, runs_root
 
@@ -60,9 +60,30 @@ def sync_records(runs: list[Run]) -> pd.DataFrame:
     """The subspace diagnostics of every projection refresh, with each matrix's layer type and side p."""
     frames = [run.syncs.assign(**describe(run)) for run in runs if len(run.syncs)]
     df = pd.concat(frames, ignore_index=True)
+    df = df[df["param"] != FULL_RANK_RECORD].reset_index(drop=True)
     df["layer"] = df["param"].map(layer_type)
     df["side"] = df["preset"].map(min_side)
     return df
+
+
+def coherence_records(runs: list[Run]) -> pd.DataFrame:
+    """Update coherence at every synchronization (diagnostics): one row per run, sync and part, `part` being
+    'low-rank' (the matrices' whole update), 'low-rank, in span(Q)', 'low-rank, outside span(Q)' or 'full-rank'
+    (the AdamW parameters together); the matrices' rows are their mean over matrices."""
+    parts = {"coherence": "low-rank", "coherence_in_span": "low-rank, in span(Q)",
+             "coherence_outside": "low-rank, outside span(Q)"}
+    rows = []
+    for run in runs:
+        syncs = run.syncs
+        if "coherence" not in syncs:
+            continue
+        full = syncs["param"] == FULL_RANK_RECORD
+        for step, group in syncs[~full].dropna(subset=["coherence"]).groupby("step"):
+            rows += [describe(run) | {"step": step, "part": part, "coherence": group[col].mean()}
+                     for col, part in parts.items()]
+        rows += [describe(run) | {"step": r.step, "part": "full-rank", "coherence": r.coherence}
+                 for r in syncs[full].itertuples()]
+    return pd.DataFrame(rows)
 
 
 def table_path(P: dict[str, Any], notebook: str, name: str) -> Path:

@@ -65,8 +65,10 @@ from lordo.optim.optimizer import LoRDO, make_optimizer
 from lordo.optim.options import (
     COMM_DTYPES,
     DEFAULTS,
+    EF_ON_SYNC,
     GROUP_KEYS,
     MEMORY_OPTIONS,
+    MOMENT_AVERAGING,
     MOMENT_RULES,
     NONFINITE_RULES,
     OPTIONS,
@@ -79,9 +81,11 @@ from lordo.optim.options import (
 )
 from lordo.optim.params import full_rank_reasons, resolve_rank, split_params
 from lordo.optim.state import stochastic_round_
+from lordo.optim.sync import COHERENCE_FIELDS, FULL_RANK_RECORD
 
 __all__ = [
-    "COMM_DTYPES", "DEFAULTS", "GROUP_KEYS", "MEMORY_OPTIONS", "METHODS", "MOMENT_RULES",
+    "COHERENCE_FIELDS", "COMM_DTYPES", "DEFAULTS", "EF_ON_SYNC", "FULL_RANK_RECORD", "GROUP_KEYS",
+    "MEMORY_OPTIONS", "METHODS", "MOMENT_AVERAGING", "MOMENT_RULES",
     "NONFINITE_RULES", "OPTIONS", "PROJ_SOURCES", "QH_SCALES", "STATE_DTYPES", "LoRDO", "Method",
     "Option", "check", "full_rank_reasons", "is_rank", "make_optimizer", "resolve_rank",
     "split_params", "stochastic_round_", "validate_hparams",

@@ -12,17 +12,18 @@ from lordo.optim.state import stochastic_round_
 
 
 def adamw_step(params: list[torch.Tensor], grads: list[torch.Tensor],
-               states: list[dict[str, torch.Tensor]], group: dict[str, Any], k: int,
+               states: list[dict[str, torch.Tensor]], group: dict[str, Any], lr: float, k: int,
                step_tensor: torch.Tensor, rounding: torch.Generator | None) -> None:
-    """Step k of one param group's parameters in place. `step_tensor` holds k (torch's fused
-    kernel reads it from there); `rounding`: bfloat16 state, the step runs on copies in the
-    parameters' dtype and stores them rounded stochastically."""
+    """Step k of one param group's parameters in place, at `lr` (the group's, scaled by
+    fullrank_lr_scale in low-rank methods). `step_tensor` holds k (torch's fused kernel reads it
+    from there); `rounding`: bfloat16 state, the step runs on copies in the parameters' dtype and
+    stores them rounded stochastically."""
     kept_m, kept_v = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
     m, v = kept_m, kept_v
     if rounding is not None:
         m = [t.to(p.dtype) for t, p in zip(m, params)]
         v = [t.to(p.dtype) for t, p in zip(v, params)]
-    (b1, b2), lr = group["betas"], group["lr"]
+    b1, b2 = group["betas"]
     if len({(p.device, p.dtype) for p in params}) == 1:    # torch's fused kernel: no temporaries
         torch._fused_adamw_(params, grads, m, v, [], [step_tensor] * len(params), lr=lr,
                             beta1=b1, beta2=b2, weight_decay=group["weight_decay"],

@@ -106,6 +106,7 @@ class StepInputs:
     qh_scale: str
     record_step: bool                # diagnostics: record the QH term's size (a sync is next)
     grad_norms: Callable[[], torch.Tensor]    # ||G^|| of the matrices (the clip's when taken)
+    mu: float                        # the paper's scaling factor: the QH term is divided by it
     rounding: torch.Generator | None = None   # rounded_step: the stochastic rounding's bits
 
 
@@ -155,8 +156,8 @@ def adam_moments(b: Bucket, u: torch.Tensor, v: torch.Tensor, s: StepInputs
 
 def qh_factors(b: Bucket, s: StepInputs, denom_mean: torch.Tensor | None,
                update_norm: torch.Tensor | None) -> torch.Tensor | None:
-    """The full-rank QH term's factor per matrix: -lr (1 - omega) / mean(D), or (update_rms)
-    -lr (1 - omega) ||u_hat / D|| / ||G^|| (||Q N|| = ||N||: Q's columns are orthonormal); None
+    """The full-rank QH term's factor per matrix: -lr (1 - omega) / (mu mean(D)), or (update_rms)
+    -lr (1 - omega) ||u_hat / D|| / (mu ||G^||) (||Q N|| = ||N||: Q's columns are orthonormal); None
     at omega = 1. Before a synchronization the diagnostics record the QH term's size over the
     low-rank term's."""
     g = b.group
@@ -170,7 +171,7 @@ def qh_factors(b: Bucket, s: StepInputs, denom_mean: torch.Tensor | None,
         qh = update_norm / (bc1 * grad_norms.clamp(min=tiny))
     else:
         qh = denom_mean.reciprocal()
-    qh.mul_(-lr * (1 - omega))
+    qh.mul_(-lr * (1 - omega) / s.mu)
     if s.record_step:   # |qh| ||G^|| / (lr ||omega N||)
         b.qh_ratio = (qh.abs() * grad_norms / (lr * update_norm * (omega / bc1))).tolist()
     return qh

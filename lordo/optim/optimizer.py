@@ -25,6 +25,7 @@ from lordo.optim.options import (
     DEFAULTS,
     GROUP_KEYS,
     STATE_DTYPES,
+    check_for_method,
     validate_hparams,
 )
 from lordo.optim.params import (
@@ -84,6 +85,7 @@ class LoRDO(torch.optim.Optimizer):
         if hp["omega"] is None:
             hp["omega"] = self.method.omega
         hp["betas"] = tuple(hp["betas"])
+        check_for_method(hp, self.method)
         self.hparams = hp
         self.comm = comm
         self.collectives = Collectives(comm, hp)
@@ -106,6 +108,7 @@ class LoRDO(torch.optim.Optimizer):
         self.skipped_steps = 0     # steps skipped for a non-finite gradient (nonfinite="skip")
         self.refreshes = 0         # projection computations (each seeds its randomized sketch)
         self.projection_seconds = 0.0
+        self.diagnostics_bytes = 0  # payload of the diagnostics' own all-reduces (not comm_stats)
         self.synced = False        # whether the last step() ended with a synchronization
         self.diagnostics: list[dict[str, Any]] = []   # subspace records since pop_diagnostics
         # proj_source="gradient": the sync step's gradients
@@ -325,12 +328,14 @@ class LoRDO(torch.optim.Optimizer):
         self.adam_steps += 1
         self.adam_step_tensor.fill_(self.adam_steps)
         rounding = self.rounding(0)
+        scale = self.hparams["fullrank_lr_scale"] if self.method.lowrank else 1
         for group, indices in self.adamw_groups:
             indices = [i for i in indices if present[i]]
             if indices:
                 params = [self.params[i] for i in indices]
                 adamw_step(params, [grads[i] for i in indices], [self.state[p] for p in params],
-                           group, self.adam_steps, self.adam_step_tensor, rounding)
+                           group, group["lr"] * scale, self.adam_steps, self.adam_step_tensor,
+                           rounding)
 
     def _lowrank_steps(self, grads: list[torch.Tensor], present: list[bool]) -> None:
         hp = self.hparams
@@ -345,7 +350,7 @@ class LoRDO(torch.optim.Optimizer):
             b.variant.step(b, StepInputs(
                 weights=[self.params[i] for i in b.indices], grads=bucket_grads,
                 qh_scale=hp["qh_scale"], record_step=record_step,
-                grad_norms=functools.partial(self._clipped_norms, b, bucket_grads),
+                grad_norms=functools.partial(self._clipped_norms, b, bucket_grads), mu=hp["mu"],
                 rounding=self.rounding(1 + bi)))
             if missing:
                 torch._foreach_copy_(self._bucket_rows(b, missing), kept)

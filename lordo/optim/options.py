@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lordo.kinds import Kind, check, choice, flag, integer, number
+from lordo.optim.methods import Method
 from lordo.projection import PROJ_METHODS
 
 MOMENT_RULES = ("keep", "reset", "rotate")
@@ -29,6 +30,15 @@ PROJ_SOURCES = ("pseudo_gradient", "gradient")
 # full = G^ ||u_hat / D|| / ||G^||, so the term changes the update's direction, not its size
 # (notebook 06 compares them).
 QH_SCALES = ("mean_denom", "update_rms")
+# Optimizer states averaged over workers at a synchronization (every `average_moments_every`-th),
+# as DES-LOC and MT-DAO average them at their own periods: the low-rank moments u, v (r x q per
+# matrix, in the shared Q's basis), the full-rank parameters' AdamW moments (twice their size), or
+# both. Each costs its bytes (`comm_stats`).
+MOMENT_AVERAGING = ("none", "lowrank", "adamw", "all")
+# What each worker's error-feedback buffer does at a synchronization: kept (the spec), averaged
+# over workers (one more full-size all-reduce of the matrices), reset to zero, or re-projected onto
+# the new Q (only the part the new subspace can express is carried into the next step).
+EF_ON_SYNC = ("keep", "average", "reset", "reproject")
 NONFINITE_RULES = ("raise", "skip", "off")
 STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}   # None: the parameters' own dtype
 # float64 makes sums of up to a few fp32 values exact, hence independent of the backend's
@@ -61,7 +71,8 @@ BETAS = Kind(lambda t: [float(b) for b in t.split(",")],
 # a config sets it, and its resolved value only when it differs from `earlier`, the behaviour
 # every run before it had (if there is one).
 FIRST_RELEASE = 1      # the options of the first cached runs
-# release 2 (2026-11-29): proj_iters, nonfinite, bucket_mb; release 3 (2026-11-30): qh_scale
+# release 2 (2026-11-29): proj_iters, nonfinite, bucket_mb; release 3 (2026-11-30): qh_scale;
+# release 4 (2026-12-08, issue 28): mu, average_moments(_every), ef_on_sync, fullrank_lr_scale
 NO_EARLIER = object()
 
 
@@ -109,6 +120,22 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (   # TrainConfig's (and `--hel
     Option("qh_scale", "mean_denom", choice(QH_SCALES),
            "size of the full-rank QH term: mean_denom (G^ / mean(D), the spec) | update_rms "
            "(the low-rank update's RMS)", since=3, earlier="mean_denom"),
+    Option("mu", 1.0, number(0, open_low=True),
+           "the paper's scaling factor mu: the full-rank QH term is divided by it", since=4,
+           earlier=1.0),
+    Option("average_moments", "none", choice(MOMENT_AVERAGING),
+           "optimizer moments averaged over workers at synchronizations: none | lowrank (u, v) | "
+           "adamw (the full-rank parameters') | all", since=4, earlier="none"),
+    Option("average_moments_every", 1, integer(1),
+           "average the moments at every n-th synchronization", since=4, earlier=1),
+    Option("ef_on_sync", "keep", choice(EF_ON_SYNC),
+           "each worker's error feedback at a synchronization: keep | average | reset | "
+           "reproject (onto the new Q)", since=4, earlier="keep"),
+    # in a low-rank method, the full-rank (AdamW) parameters' lr as a fraction of the matrices'
+    # (the spec gives "the rest" plain AdamW and leaves its lr open; GaLore's recipes scale the
+    # two apart)
+    Option("fullrank_lr_scale", 1.0, number(0, 1000, open_low=True),
+           "low-rank methods: the full-rank (AdamW) parameters' lr / lr", since=4, earlier=1.0),
     Option("outer_lr", 1.0, number(0, open_low=True),
            "outer learning rate at synchronizations (local methods)"),
     Option("outer_momentum", 0.0, number(0, 1, open_high=True),
@@ -146,6 +173,19 @@ def later_options() -> tuple[str, ...]:
 def earlier_behaviour() -> dict[str, Any]:
     """Later options whose value every earlier run had: at it, out of the resolved key too."""
     return {name: o.earlier for name, o in OPTIONS.items() if o.earlier is not NO_EARLIER}
+
+
+def check_for_method(hp: dict[str, Any], method: Method) -> None:
+    """Raise ValueError naming an option's value that `method` cannot honour."""
+    check(method.lowrank or hp["fullrank_lr_scale"] == 1, "fullrank_lr_scale",
+          hp["fullrank_lr_scale"],
+          f"1 for {method.name} (every parameter is full-rank there: set lr)")
+    if method.projection == "local":   # each worker's low-rank state is in its own Q's basis
+        check(hp["average_moments"] in ("none", "adamw"), "average_moments", hp["average_moments"],
+              "'none' or 'adamw' with lordo_local (its workers' low-rank moments are in different "
+              "bases)")
+        check(hp["ef_on_sync"] != "average", "ef_on_sync", hp["ef_on_sync"],
+              "'keep', 'reset' or 'reproject' with lordo_local (its workers' projections differ)")
 
 
 def validate_hparams(hp: dict[str, Any]) -> None:

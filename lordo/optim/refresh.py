@@ -10,6 +10,7 @@ import torch
 
 from lordo.optim.options import STATE_DTYPES
 from lordo.optim.state import Bucket, stochastic_round_
+from lordo.optim.sync import COHERENCE_FIELDS
 from lordo.projection import (
     basis_similarity,
     compute_projection,
@@ -108,6 +109,7 @@ def record(opt: Any, b: Bucket, Q_new: torch.Tensor, X: torch.Tensor,
     b.visits.baddbmm_(Q_new.float(), Q_new.float().mT)
     ranks = visited_rank(b.visits).tolist()
     source_norm = torch.linalg.matrix_norm(X).tolist()
+    coherence = lambda j: {} if b.coherence is None else dict(zip(COHERENCE_FIELDS, b.coherence[j]))
     for j, i in enumerate(b.indices):
         b.explored[j] = extend_basis(b.explored[j], Q_new[j])
         opt.diagnostics.append({
@@ -115,4 +117,5 @@ def record(opt: Any, b: Bucket, Q_new: torch.Tensor, X: torch.Tensor,
             "energy_outside": out[j], "explored_dim": b.explored[j].shape[-1],
             "explored_rank": ranks[j], "source_norm": source_norm[j],
             "own_energy_outside": own_out[j], "ef_norm": ef_norm[j],
-            "qh_to_lowrank": b.qh_ratio[j] if b.qh_ratio is not None else None})
+            "qh_to_lowrank": b.qh_ratio[j] if b.qh_ratio is not None else None,
+            **coherence(j)})

@@ -31,6 +31,7 @@ class Bucket:
     explored: list[torch.Tensor] | None = field(default=None)  # diagnostics: union basis per matrix
     visits: torch.Tensor | None = None  # diagnostics: (n, p, p) sum of Q Q^T over refreshes
     qh_ratio: list[float] | None = None  # diagnostics: QH term's size / low-rank term's
+    coherence: list[list[float]] | None = None  # diagnostics: per matrix, at the last sync
     workspace: torch.Tensor | None = None  # (n, r, q) of the step: no (n, p, q) temporaries
     variant: Any = None             # lordo.optim.lowrank.Variant, chosen when the state is built
 

@@ -3,12 +3,18 @@ synchronization (parameter averaging, outer Nesterov momentum, the refresh of Q)
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 
 from lordo.optim.options import COMM_DTYPES
+
+# Diagnostics at a sync: each matrix's update coherence, whole and inside / outside span(Q)
+# (`record_coherence`), and one record (this `param`) for the full-rank parameters together.
+COHERENCE_FIELDS = ("coherence", "coherence_in_span", "coherence_outside")
+FULL_RANK_RECORD = "(full-rank parameters)"
 
 
 class Collectives:
@@ -111,7 +117,10 @@ def synchronize(opt: Any) -> None:
             deltas[i] = d
     keep_own = opt.method.projection == "local" or hp["diagnostics"]
     own = [X.clone() for X in stacks] if keep_own else None
+    own_norms = update_norms(opt, stacks, deltas) if hp["diagnostics"] else None
     opt.collectives.all_reduce_mean(deltas, "sync")
+    if own_norms is not None:
+        record_coherence(opt, own_norms, update_norms(opt, stacks, deltas))
     if velocity is not None:   # Nesterov SGD on the outer gradient -Delta
         torch._foreach_mul_(velocity, hp["outer_momentum"])
         torch._foreach_sub_(velocity, deltas)
@@ -124,6 +133,7 @@ def synchronize(opt: Any) -> None:
                  for h, v in zip(held, visited) if h is not v]
         if pairs:
             torch._foreach_copy_([h for h, _ in pairs], [v for _, v in pairs])
+    sync_states(opt)
     if opt.buckets:
         sources = own if opt.method.projection == "local" else stacks
         if opt.sync_grads is not None:
@@ -134,3 +144,68 @@ def synchronize(opt: Any) -> None:
                                                 "projection_gradient")
             sources = opt.stacked(grads)
         opt.refresh(sources, own)
+        if hp["ef_on_sync"] == "reproject":   # E = Q Q^T E with the new Q (the refresh formed E)
+            for b in opt.buckets:
+                if b.ef is not None:
+                    b.ef.copy_(torch.bmm(b.Q, b.Q.mT @ b.ef.to(b.Q.dtype)))
+
+
+def sync_states(opt: Any) -> None:
+    """At a synchronization, before the refresh (while every worker's low-rank state is in the
+    shared Q's basis): average the moments `average_moments` names (at every
+    `average_moments_every`-th sync), and average or reset the error feedback (`ef_on_sync`).
+    Bytes counted by kind."""
+    hp, collectives = opt.hparams, opt.collectives
+    which = hp["average_moments"]
+    nth_sync = math.ceil(opt.steps / hp["sync_every"])
+    if which != "none" and nth_sync % hp["average_moments_every"] == 0:
+        if which in ("adamw", "all") and opt.adamw_indices:
+            states = [opt.state[opt.params[i]] for i in opt.adamw_indices]
+            collectives.all_reduce_mean([s[k] for s in states for k in ("exp_avg", "exp_avg_sq")],
+                                        "adamw_moments")
+        if which in ("lowrank", "all") and opt.buckets:
+            collectives.all_reduce_mean([t for b in opt.buckets for t in (b.exp_avg, b.exp_avg_sq)],
+                                        "lowrank_moments")
+    efs = [b.ef for b in opt.buckets if b.ef is not None]
+    if hp["ef_on_sync"] == "average" and efs:
+        collectives.all_reduce_mean(efs, "error_feedback")   # lazy R averages to the mean E
+    elif hp["ef_on_sync"] == "reset" and efs:
+        torch._foreach_zero_(efs)
+
+
+def update_norms(opt: Any, stacks: list[torch.Tensor], deltas: list[torch.Tensor]
+                 ) -> torch.Tensor:
+    """Diagnostics: per low-rank matrix ||Delta||, ||Q^T Delta|| and ||(I - Q Q^T) Delta|| (Q
+    before this sync's refresh), then ||Delta|| of all full-rank parameters together, as one
+    vector."""
+    norms = []
+    for b, X in zip(opt.buckets, stacks):
+        total = torch.linalg.vector_norm(X, dim=(1, 2), dtype=torch.float32)
+        inside = (torch.linalg.vector_norm(b.Q.mT @ X, dim=(1, 2), dtype=torch.float32)
+                  if b.Q is not None else torch.zeros_like(total))
+        outside = (total.square() - inside.square()).clamp_min(0).sqrt()
+        norms.append(torch.stack([total, inside, outside], dim=1).reshape(-1))
+    full = [deltas[i] for i in opt.adamw_indices]
+    full_norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(full))) if full
+                 else torch.zeros(()))
+    norms.append(full_norm.float().reshape(1).to(opt.params[0].device))
+    return torch.cat(norms)
+
+
+def record_coherence(opt: Any, own: torch.Tensor, averaged: torch.Tensor) -> None:
+    """Update coherence at this sync: the norm of the workers' averaged update over the mean of
+    their own norms (1: all workers moved alike; 1/sqrt(M): orthogonal moves), per matrix (whole,
+    inside and outside span(Q)) and for the full-rank parameters together. Its small all-reduce
+    is a diagnostic, counted in `diagnostics_bytes`, not in `comm_stats()`."""
+    if opt.world_size > 1:
+        opt.comm.all_reduce_(own)
+        own.div_(opt.world_size)
+        opt.diagnostics_bytes += own.numel() * own.element_size()
+    ratio = (averaged / own.clamp_min(torch.finfo(own.dtype).tiny)).tolist()
+    j = 0
+    for b in opt.buckets:
+        b.coherence = [ratio[j + 3 * k: j + 3 * k + 3] for k in range(len(b.indices))]
+        j += 3 * len(b.indices)
+    if opt.adamw_indices:
+        opt.diagnostics.append({"step": opt.steps, "param": FULL_RANK_RECORD,
+                                "coherence": ratio[-1]})
