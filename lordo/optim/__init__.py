@@ -25,6 +25,7 @@ The package, by concern:
     state.py      the state's layout, stochastic rounding, `state_dict`, memory accounting
     lowrank.py    one bucket's low-rank step: one function per variant (eager, compiled, bf16)
     adamw.py      the AdamW step of the other parameters
+    clip.py       the gradients' clip and non-finite rule (norms beside Q^T G)
     refresh.py    the projection Q's refresh and its subspace diagnostics
     sync.py       collectives and the local methods' outer synchronization
     optimizer.py  `LoRDO` (the torch.optim surface, bookkeeping) and `make_optimizer`

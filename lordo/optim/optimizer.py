@@ -4,7 +4,6 @@ this one), `sync`, checkpoints and accounting."""
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -18,6 +17,7 @@ from lordo.kernels import build_error, lowrank_cpu
 from lordo.kinds import check
 from lordo.optim import state as state_io
 from lordo.optim.adamw import adamw_step
+from lordo.optim.clip import clipped_norms, finite_and_clipped
 from lordo.optim.lowrank import StepInputs, choose_variant
 from lordo.optim.methods import METHODS
 from lordo.optim.options import (
@@ -308,7 +308,7 @@ class LoRDO(torch.optim.Optimizer):
             flags = torch.tensor(present, dtype=torch.float32, device=self.params[0].device)
             self.collectives.all_reduce_mean(grads + [flags], "gradients")
             present = (flags > 0).tolist()
-        finite = self._finite_and_clipped(grads)
+        finite = finite_and_clipped(self, grads)
         refresh_before_step(self, grads, finite)
         if finite:
             self._adamw_steps(grads, present)
@@ -350,7 +350,7 @@ class LoRDO(torch.optim.Optimizer):
             b.variant.step(b, StepInputs(
                 weights=[self.params[i] for i in b.indices], grads=bucket_grads,
                 qh_scale=hp["qh_scale"], record_step=record_step,
-                grad_norms=functools.partial(self._clipped_norms, b, bucket_grads), mu=hp["mu"],
+                grad_norms=functools.partial(clipped_norms, self, b, bucket_grads), mu=hp["mu"],
                 rounding=self.rounding(1 + bi)))
             if missing:
                 torch._foreach_copy_(self._bucket_rows(b, missing), kept)
@@ -362,82 +362,6 @@ class LoRDO(torch.optim.Optimizer):
             out += [self.params[b.indices[j]], b.exp_avg[j], b.exp_avg_sq[j]]
             out += [b.ef[j]] if b.ef is not None else []
         return out
-
-    def _finite_and_clipped(self, grads: list[torch.Tensor]) -> bool:
-        """Clip by the global norm in place; False if the step is to be skipped (non-finite)."""
-        clip, rule = self.hparams["clip"], self.hparams["nonfinite"]
-        for b in self.buckets:
-            b.grad_projected = False
-        self.clip_norms = None
-        if clip is None and rule == "off":
-            return True
-        norms = self._grad_norms(grads)
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        self.clip_norms = (norms, 1.0)
-        if rule == "off":   # no host sync: scale by a tensor factor (1 when the clip does not bite)
-            self.clip_norms = (norms, (clip / (total + 1e-6)).clamp(max=1.0))
-            self._scale_grads(grads, self.clip_norms[1])
-            return True
-        # The step's one host sync. Knowing the norm on the host also spares a step under the
-        # clip a read and write of every gradient to multiply it by 1.
-        total = total.item()
-        if not math.isfinite(total):
-            bad = next((repr(n) for n, g in zip(self.names, grads) if not torch.isfinite(g).all()),
-                       "(every gradient is finite, their global norm overflowed)")
-            if rule == "raise":
-                raise FloatingPointError(f"non-finite gradient in parameter {bad} at step "
-                                         f"{self.steps}; nothing was updated (use "
-                                         "nonfinite='skip' to skip such steps)")
-            self.skipped_steps += 1
-            return False
-        if clip is not None and clip / (total + 1e-6) < 1.0:
-            self._scale_grads(grads, clip / (total + 1e-6))
-            self.clip_norms = (norms, clip / (total + 1e-6))
-        return True
-
-    def _grad_norms(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each gradient's norm. Where the step will need Q^T G (Q unchanged since the last step)
-        and its variant takes it beside the norm (on a CPU: `Variant.project_and_norm`), the
-        product is taken in the same visit to G: it reads G from memory at the pace of its
-        arithmetic, and the norm then reads it again from cache. The other gradients' norms: the
-        kernels' where they run, else one multi-tensor norm."""
-        norms: list[torch.Tensor | None] = [None] * len(grads)
-        for b in self.buckets:
-            take = b.variant.project_and_norm
-            if take is None or b.Q is None or b.q_changed:
-                continue
-            weights = [self.params[i] for i in b.indices]
-            for i, n in zip(b.indices, take(b, weights, [grads[i] for i in b.indices])):
-                norms[i] = n
-            b.grad_projected = True
-        rest = [i for i, n in enumerate(norms) if n is None]
-        if rest:   # empty when every parameter is a matrix already projected (foreach refuses [])
-            tensors = [grads[i] for i in rest]
-            compiled = self.kernels is not None and all(
-                t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                for t in tensors)
-            # the kernels' run on every thread (torch's takes one a tensor: 16 ms for 125m's
-            # embedding)
-            rest_norms = self.kernels.norms(tensors).unbind(0) if compiled else \
-                torch._foreach_norm(tensors)
-            for i, n in zip(rest, rest_norms):
-                norms[i] = n
-        return norms
-
-    def _scale_grads(self, grads: list[torch.Tensor], factor: float | torch.Tensor) -> None:
-        """The clip, in place: the gradients and the products already taken of them."""
-        torch._foreach_mul_(grads, factor)
-        for b in self.buckets:
-            if b.grad_projected:
-                b.workspace.mul_(factor)
-
-    def _clipped_norms(self, b: Bucket, grads: list[torch.Tensor]) -> torch.Tensor:
-        """||G^|| of the bucket's matrices: the clip's norms times its factor when it took them,
-        else one more read of each gradient."""
-        if self.clip_norms is None:
-            return torch.stack(torch._foreach_norm(grads))
-        norms, factor = self.clip_norms
-        return torch.stack([norms[i] for i in b.indices]).mul_(factor)
 
     # ------------------------------------------------------------------ projections
     def stacked(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
