@@ -10,8 +10,8 @@ chosen once when the state is built (`choose_variant`), not re-decided inside ea
   the error feedback is kept eagerly (E itself: the lazy R's rounding noise would grow with
   every step between refreshes).
 
-Each variant comes with the way it takes Q^T G beside the clip's norm of G (`Variant.
-project_and_norm`), or None where the step cannot use it (a GPU gains nothing; eager E).
+Each variant comes with the way it takes Q^T G beside the clip's norm of G
+(`Variant.project_and_norm`), or None where the step cannot use it (a GPU gains nothing; eager E).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def adam_moments(b: Bucket, u: torch.Tensor, v: torch.Tensor, s: StepInputs
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The Adam step on the r x q moments u, v (updated in place) from the workspace's Q^T G,
     leaving (omega / bc1) u / D in the workspace. Returns mean(D) per matrix where the QH term
-    needs it, and ||u / D|` where update_rms or the diagnostics need it."""
+    needs it, and ||u / D|| where update_rms or the diagnostics need it."""
     g, low = b.group, b.workspace
     (b1, b2), eps, omega = g["betas"], g["eps"], g["omega"]
     by_rms = omega < 1 and s.qh_scale == "update_rms"
