@@ -44,9 +44,13 @@ sweep: env
 paper: PRESET = paper
 paper: reproduce
 
+# JupyterLab on the notebooks at PORT; it opens no browser where there is no display (or with NO_BROWSER=1),
+# printing the URL to open or tunnel instead: `make lab PORT=9999 NO_BROWSER=1`.
 # jupyter refuses to run as root without --allow-root (containers, CI machines)
+PORT ?= 8888
+NO_BROWSER ?= $(if $(DISPLAY)$(WAYLAND_DISPLAY),,1)
 lab: env
-	$(BIN)/jupyter lab notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(BIN)/jupyter lab notebooks --port=$(PORT) $(if $(filter 1,$(NO_BROWSER)),--no-browser) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: env
 	$(BIN)/python benchmarks/optimizer_step.py

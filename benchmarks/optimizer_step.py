@@ -8,8 +8,10 @@ Llama-style decoder (`SHAPES`) and random gradients, so only the optimizer is ti
 
 1. Local step (no sync): `lordo` with its defaults (omega 0.7, error feedback, clip 1.0; on CPU in float32
    the compiled kernels of `lordo.kernels`), with `state_dtype="bfloat16"`, and on CPU with `fused=False`
-   (the eager PyTorch path, the same math), against `torch.optim.AdamW` (foreach and fused) and GaLore's
-   `GaLoreAdamW` at the same rank. GaLore's
+   (the eager PyTorch path, the same math) and `fused=True` with each instruction set the kernels have on
+   this CPU (`lordo kernels avx512/avx2/generic`; `lordo` itself takes, per shape, the faster of the kernels
+   and the eager path, timed at its first step: the lines under the table say which), against
+   `torch.optim.AdamW` (foreach and fused) and GaLore's `GaLoreAdamW` at the same rank. GaLore's
    steady step reuses its projection; its refresh step (an SVD of every matrix, every 200 steps)
    is timed separately and amortized: (199 steady + 1 refresh) / 200.
 2. Sync: `LoRDO.sync()` per `proj_method` on the same optimizer, the projection part of it
@@ -41,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
 
+from lordo.kernels import build_error, cpu_model, lowrank_cpu  # noqa: E402
 from lordo.model import PRESETS, swiglu_width  # noqa: E402
 from lordo.optim import MEMORY_OPTIONS, METHODS, make_optimizer  # noqa: E402
 
@@ -132,6 +135,20 @@ def ms(xs: list[float]) -> str:
     return f"{1e3 * med:10.1f} " + (f"{1e3 * iqr:8.1f}" if len(xs) > 1 else f"{'-':>8}")
 
 
+class OnIsa:
+    """An optimizer whose steps run the compiled kernels with one instruction set (`set_isa`), switched back after."""
+
+    def __init__(self, opt, isa: str):
+        self.opt, self.isa = opt, isa
+
+    def step(self) -> None:
+        before = lowrank_cpu().set_isa(self.isa)
+        try:
+            self.opt.step()
+        finally:
+            lowrank_cpu().set_isa(before)
+
+
 def optimizers(mats: list, rest: list, rank: int, ablations: bool) -> dict:
     """Every optimizer of table 1 on the same (shared) parameters and gradients."""
     common = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
@@ -148,6 +165,8 @@ def optimizers(mats: list, rest: list, rank: int, ablations: bool) -> dict:
     }
     if mats[0].device.type == "cpu" and mats[0].dtype == torch.float32:   # where the compiled kernels apply
         opts["lordo fused=False"] = lordo(fused=False)
+        for isa in lowrank_cpu().isas() if lowrank_cpu() is not None else ():
+            opts[f"lordo kernels {isa}"] = OnIsa(lordo(fused=True), isa)
     if ablations:   # what the parts of lordo's step cost (GaLore neither clips nor keeps error feedback)
         opts |= {"lordo clip=None": lordo(clip=None, nonfinite="off"),
                  "lordo error_feedback=False": lordo(error_feedback=False),
@@ -249,6 +268,11 @@ def step_table(shape: str, rank: int, opts: dict, mats: list, args, timer: Timer
         print(f"  {name:<30}{ms(ts)} {paired:7.2f}")
     print(f"  {'GaLoreAdamW refresh (SVD)':<30}{ms(refresh)} {stats(refresh)[0] / base:7.2f}")
     print(f"  {'GaLoreAdamW amortized /200':<30}{1e3 * amortized:10.1f} {'':>8} {amortized / base:7.2f}")
+    for row in opts["lordo"].step_paths():   # the path lordo's default took per shape, and why
+        timed = (f": kernels {row['kernels_ms']:.1f} ms, eager {row['eager_ms']:.1f} ms a step of "
+                 f"{min(row['matrices'], 4)}" if "kernels_ms" in row else "")
+        print(f"  lordo {row['matrices']} x {row['stored_shape'][0]}x{row['stored_shape'][1]}: {row['path']} "
+              f"({row['why']}{timed})")
     lordo = stats(times["lordo"])[0]
     vs = statistics.median(a / b for a, b in zip(times["lordo"], times["GaLoreAdamW steady"]))
     fused = statistics.median(a / b for a, b in zip(times["lordo"], times["AdamW fused"]))
@@ -260,6 +284,10 @@ def step_table(shape: str, rank: int, opts: dict, mats: list, args, timer: Timer
     if "lordo fused=False" in times:
         eager = statistics.median(a / b for a, b in zip(times["lordo fused=False"], times["AdamW fused"]))
         verdict += f"; eager path (fused=False) / AdamW fused = {eager:.2f}"
+        paired = lambda name: statistics.median(a / b for a, b in zip(times[name], times["lordo fused=False"]))
+        verdict += (f"; lordo (default) / eager = {paired('lordo'):.2f} (target <= 1): "
+                    f"{'MET' if paired('lordo') <= 1 else 'NOT MET'}; kernels / eager per instruction set: "
+                    + ", ".join(f"{n.split()[-1]} {paired(n):.2f}" for n in times if n.startswith("lordo kernels ")))
     return lordo, verdict
 
 
@@ -311,15 +339,13 @@ def run_shape(shape: str, args, device: torch.device, dtype: torch.dtype, timer:
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    ext = lowrank_cpu() if device.type == "cpu" and dtype == torch.float32 else None
+    isas = (f"; CPU kernels' instruction sets: {', '.join(ext.isas())} ({ext.set_isa()} by default)" if ext
+            else f"; CPU kernels: not built ({build_error()})" if device.type == "cpu" and dtype == torch.float32
+            else "")
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     lines = [f"torch {torch.__version__}, python {platform.python_version()}, {dtype}, device {device}",
-             f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; transparent "
+             f"CPU {cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}{isas}; transparent "
              f"huge pages {thp.read_text().strip() if thp.exists() else 'n/a'}, "
              f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"]
     if device.type == "cuda":

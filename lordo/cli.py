@@ -1,4 +1,5 @@
-"""The `lordo` command.
+"""The `lordo` command: train, evaluate and export LoRDO runs (distributed low-rank optimization with
+infrequent communication) and prepare their corpora.
 
     lordo train --method lordo --preset tiny --corpus shakespeare --workers 4 --steps 300 \\
                 --batch-size 8 --seq-len 128 --rank 8 --sync-every 16 --omega 0.7 --lr 3e-3 --out runs/x
@@ -16,7 +17,11 @@ stops a run with its last checkpoint intact, exit status 130.
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import signal
 import sys
+import threading
 
 USAGE_ERROR, INTERRUPTED = 2, 130
 
@@ -28,29 +33,44 @@ class Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+# `lordo train --help` in sections; every other TrainConfig field is the optimizer's (method, schedule, hparams)
+TRAIN_GROUPS = {
+    "model": ("preset", "bf16", "device"),
+    "data": ("corpus", "tokenizer", "vocab_size", "corpus_tokens", "batch_size", "grad_accum", "seq_len"),
+    "optimizer": (),
+    "training and evaluation": ("seed", "steps", "eval_every", "eval_batches", "log_every", "progress"),
+    "distributed": ("workers", "launcher", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint"),
+    "run store": ("out", "runs_dir", "checkpoint_every"),
+}
+
+
 def _train_parser(sub: argparse._SubParsersAction, options: bool) -> None:
     p = sub.add_parser("train", help="train one configuration (cached by its hash)",
                        description="Train one configuration. Options are TrainConfig fields; each says its "
-                                   "default and what is allowed.")
+                                   "default and what is allowed. Switches come as --x / --no-x.")
     if not options:   # `lordo --help` stays light: the options (and torch) load only for `lordo train`
         return
     from dataclasses import fields
 
     from lordo.config import TrainConfig, field_help
-    p.add_argument("--config", help="YAML/JSON file of TrainConfig fields (options given here override it); a "
-                                    "file without method: serves every method, as configs/paper/<size>.yaml")
-    p.add_argument("--force", action="store_true",
-                   help="retrain even if a finished run is cached (replaces only files lordo wrote)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                   help="stop after this step with a checkpoint (an int >= 1)")
+    groups = {name: p.add_argument_group(name) for name in TRAIN_GROUPS}
+    group_of = {field: name for name, names in TRAIN_GROUPS.items() for field in names}
+    store = groups["run store"]
+    store.add_argument("--config", help="YAML/JSON file of TrainConfig fields (options given here override it); a "
+                                        "file without method: serves every method, as configs/paper/<size>.yaml")
+    store.add_argument("--force", action="store_true",
+                       help="retrain even if a finished run is cached (replaces only files lordo wrote)")
+    store.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    store.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                       help="stop after this step with a checkpoint (an int >= 1)")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = field_help(f).replace("%", "%%")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        group = groups[group_of.get(f.name, "optimizer")]
+        if f.type in ("bool", "bool | None"):   # default None: the config file's or the optimizer's value
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:   # kept as text: the config reads it as the field's kind, the same for config files
-            p.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
+            group.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=text)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -87,17 +107,31 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def build_parser(train_options: bool = True) -> argparse.ArgumentParser:
-    parser = Parser(prog="lordo", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        installed = version("lordo")
+    except PackageNotFoundError:   # run from a checkout that was never installed
+        installed = "unknown (not installed)"
+    description, examples = __doc__.split("\n\n")[:2]
+    parser = Parser(prog="lordo", description=description.replace("`", ""),
+                    epilog="examples:\n" + examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"lordo {installed}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     _train_parser(sub, train_options)
-    p = sub.add_parser("prepare", help="fetch, tokenize and cache a corpus")
-    p.add_argument("--corpus", default="shakespeare")
-    p.add_argument("--tokenizer", default="bpe")
-    p.add_argument("--vocab-size", type=int, default=8192)
-    p = sub.add_parser("export", help="write a run's model as a transformers LlamaForCausalLM checkpoint")
+    p = sub.add_parser("prepare", help="fetch, tokenize and cache a corpus (lordo train does it when needed)",
+                       description="Fetch, tokenize and cache a corpus under data/cache/.")
+    p.add_argument("--corpus", default="shakespeare",
+                   help="shakespeare, brown, ptb, hf:<name>[:<config>] or files:<glob> (default: shakespeare)")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (trained on the corpus), byte, gpt2 or a Hugging Face name (default: bpe)")
+    p.add_argument("--vocab-size", type=int, default=8192,
+                   help="vocabulary of the trained BPE, an int >= 256 (default: 8192)")
+    p = sub.add_parser("export", help="write a run's model as a transformers LlamaForCausalLM checkpoint",
+                       description="Write a run's model as a transformers LlamaForCausalLM checkpoint.")
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--to", required=True, help="output directory (new, empty, or an earlier export)")
-    p = sub.add_parser("eval", help="lm-eval downstream tasks (and perplexity) on a run's model")
+    p = sub.add_parser("eval", help="lm-eval downstream tasks (and perplexity) on a run's model",
+                       description="Evaluate a run's model: lm-eval downstream tasks and perplexity.")
     p.add_argument("run", help="run directory (runs/<name>)")
     p.add_argument("--tasks", default="core", help="'core' (offline suite) or comma-separated lm-eval task names")
     p.add_argument("--limit", type=int, default=None, help="examples per task (default: all)")
@@ -115,24 +149,72 @@ def user_error(e: BaseException) -> str | None:
         return f"{e.filename}: {e.strerror or e}"
     if isinstance(e, ValueError | OSError | ConnectionError | LaunchError | RunInUse):
         return str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, RuntimeError) and re.search(r"out of memory|can't allocate memory", str(e), re.I):
+        return (f"out of memory: {_memory_line(str(e))}; a smaller --batch-size (with --grad-accum for the same "
+                "tokens per step), --seq-len or --preset needs less")
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(train_options=argv[:1] == ["train"]).parse_args(argv)
-    handler = {"train": _train, "prepare": _prepare, "export": _export, "eval": _eval}[args.command]
+def _memory_line(message: str) -> str:
+    """The line of an allocator's error that says what it tried to allocate."""
+    line = next((ln for ln in message.splitlines() if re.search(r"allocate", ln)), message.splitlines()[0])
+    return re.sub(r"^\[enforce fail at [^]]*\] (err == 0\. )?", "", line).strip()
+
+
+MODULES = {"train": "lordo.launch", "prepare": "lordo.data", "export": "lordo.evaluate", "eval": "lordo.evaluate"}
+_signalled: list[int] = []   # SIGTERM/SIGINT received: an interrupt that library code swallowed still counts
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    _signalled.append(signum)
+    raise KeyboardInterrupt
+
+
+def _start(command: str | None, argv: list[str]) -> argparse.Namespace:
+    """Parse and import what the command runs, with SIGTERM and SIGINT held until the imports are done: an
+    exception raised inside a library's import can be swallowed there (numpy's and torch's can), and would
+    leave the command running on."""
+    import importlib
+
+    held: list[int] = []
+    hold = lambda signum, frame: held.append(signum)
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        handler(args)
+        args = build_parser(train_options=command == "train").parse_args(argv)
+        importlib.import_module(MODULES[args.command])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if held:
+        raise KeyboardInterrupt
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    # SIGTERM (`kill`, a scheduler) stops every command as Ctrl-C does, from its first line to its last: 130
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main else None
+    if argv is None:   # the `lordo` command: once it is done, SIGTERM during the interpreter's exit is 130 too
+        previous, argv = (lambda signum, frame: os._exit(INTERRUPTED)), sys.argv[1:]
+    command = argv[0] if argv and argv[0] in MODULES else None
+    _signalled.clear()
+    try:
+        args = _start(command, argv) if in_main else build_parser(command == "train").parse_args(argv)
+        {"train": _train, "prepare": _prepare, "export": _export, "eval": _eval}[args.command](args)
+        if _signalled:
+            raise KeyboardInterrupt
     except KeyboardInterrupt as e:
-        print(f"lordo {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"lordo{f' {command}' if command else ''}: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(INTERRUPTED)
     except Exception as e:
         message = user_error(e)
         if message is None:
             raise
-        print(f"lordo {args.command}: error: {message}", file=sys.stderr)
+        print(f"lordo {command}: error: {message}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from lordo.kinds import Kind, check, choice, flag, integer, number, text
+from lordo.kinds import Kind, check, choice, flag, integer, number, read_bool, text
 from lordo.model import PRESETS
 from lordo.optim import DEFAULTS, METHODS, OPTIONS, validate_hparams
 from lordo.optim.options import Option, earlier_behaviour, later_options
@@ -51,11 +51,16 @@ def option(name: str, type_: str, default: Any, kind: Kind, help: str
 def optimizer_field(o: Option) -> tuple[str, str, dataclasses.Field]:
     """The TrainConfig field of an optimizer option: None (the default) takes the optimizer's
     default, unless the field has a default of its own."""
+    # the type as written (`lordo train` makes a bool field a --x / --no-x switch)
+    type_ = "bool" if o.kind.read is read_bool else {
+        "rank": "int | float", "omega": "float", "betas": "tuple[float, float]"}.get(
+        o.name, type(o.default).__name__)
     if o.config_default is not None:
-        return option(o.name, "Any", o.config_default, o.kind, o.help)
+        return option(o.name, type_ + " | None" * bool(o.kind.none), o.config_default, o.kind,
+                      o.help)
     shown = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
     none = o.kind.none or f"lordo.optim.DEFAULTS: {shown}"
-    return option(o.name, "Any", None, dataclasses.replace(o.kind, none=none), o.help)
+    return option(o.name, type_ + " | None", None, dataclasses.replace(o.kind, none=none), o.help)
 
 
 # ---------------------------------------------------------------------- the config
@@ -82,6 +87,12 @@ class _TrainConfigMethods:
         """The fields that determine the result."""
         return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS
                 and not (k in LATER_OPTIMIZER_FIELDS and v is None)}
+
+    def identity(self) -> dict[str, Any]:
+        """Every field that determines the result, set or not: what a run directory's saved config
+        is compared with (result_dict, the hash key, leaves LATER_OPTIMIZER_FIELDS out at None to
+        keep earlier hashes)."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
 
     def resolved_optimizer(self) -> dict[str, Any]:
         """Every optimizer hyper-parameter this run uses: its own, else the package defaults."""

@@ -20,15 +20,18 @@ import gzip
 import importlib.util
 import json
 import math
+import re
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lordo.files import update_json, write_atomic
+from lordo.files import sha256_file, update_json, write_atomic, write_json
 from lordo.model import GPT, PRESETS, ModelConfig
+from lordo.runs import RunLock
 
 EOT = "<|endoftext|>"
 
@@ -87,11 +90,19 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def export_hf(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write the run's model as a transformers LlamaForCausalLM (safetensors, fp32) with its tokenizer, to
     out_dir (default run_dir/hf). Our module names are Llama's minus `model.`: the weights map one-to-one."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "hf"
     _check_export_dir(out_dir)
+    read_run(run_dir)
+    inside = out_dir.resolve().is_relative_to(run_dir.resolve())
+    with RunLock(run_dir, create=False) if inside else nullcontext():   # it writes into the run directory
+        return _export(run_dir, out_dir)
+
+
+def _export(run_dir: Path, out_dir: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    source = sha256_file(run_dir / "model.pt")
     model = load_model(run_dir)
     c = model.config
     # The model's own maximum length, its preset's (rotary positions need no table), not the training
@@ -113,9 +124,11 @@ def export_hf(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     state = {k if k == "lm_head.weight" else f"model.{k}": v for k, v in model.state_dict().items()}
     hf_model.load_state_dict(state, strict=True, assign=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EXPORT_MARKER).write_text("lordo exported a run here; exporting again replaces these files\n")
+    (out_dir / EXPORT_MARKER).unlink(missing_ok=True)   # written last: an export cut short is never judged fresh
     hf_model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    write_json(out_dir / EXPORT_MARKER, {"note": "lordo exported a run here; exporting again replaces these files",
+                                         "model_sha256": source})
     return out_dir
 
 
@@ -137,9 +150,13 @@ def _check_export_dir(out_dir: Path) -> None:
 
 
 def ensure_export(run_dir: Path) -> Path:
-    """run_dir/hf, exported again when it is missing or older than model.pt."""
-    weights = run_dir / "hf" / "model.safetensors"
-    if not weights.is_file() or weights.stat().st_mtime < (run_dir / "model.pt").stat().st_mtime:
+    """run_dir/hf, exported again unless it is the export of this model.pt (its sha256, not file times: a
+    clock that moved, or a copy, says nothing about which model an export holds)."""
+    try:
+        exported = json.loads((run_dir / "hf" / EXPORT_MARKER).read_text()).get("model_sha256")
+    except (OSError, ValueError, AttributeError):
+        exported = None
+    if exported != sha256_file(run_dir / "model.pt") or not (run_dir / "hf" / "model.safetensors").is_file():
         export_hf(run_dir, run_dir / "hf")
     return run_dir / "hf"
 
@@ -297,12 +314,18 @@ def run_perplexity(run_dir: str | Path, corpora: str = "heldout,ptb", limit: int
     """Perplexity on the run's validation split ('heldout') and on other corpora's test splits (e.g. 'ptb'),
     tokenized with the run's tokenizer; merged into summary.json under `perplexity`. `limit` caps the
     documents (of up to max_seq_len tokens) per corpus; `lm` reuses a loaded hf_lm."""
+    run_dir = Path(run_dir)
+    _check_eval_options(limit, batch_size, device=device)
+    config, data = read_run(run_dir)
+    with RunLock(run_dir, create=False):
+        return _run_perplexity(run_dir, config, data, corpora, limit,
+                               lm or hf_lm(ensure_export(run_dir), batch_size, device, config.max_seq_len))
+
+
+def _run_perplexity(run_dir: Path, config: ModelConfig, data: dict[str, Any], corpora: str, limit: int | None,
+                    lm) -> dict[str, dict[str, Any]]:
     from tokenizers import Tokenizer
 
-    run_dir = Path(run_dir)
-    _check_eval_options(limit, batch_size)
-    config, data = read_run(run_dir)
-    lm = lm or hf_lm(ensure_export(run_dir), batch_size, device, config.max_seq_len)
     tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
     out = {}
     for corpus in [c.strip() for c in corpora.split(",") if c.strip()]:
@@ -320,13 +343,18 @@ def run_perplexity(run_dir: str | Path, corpora: str = "heldout,ptb", limit: int
 
 
 # ---------------------------------------------------------------------- the entry point
-def _check_eval_options(limit: int | None, batch_size: int, num_fewshot: int = 0) -> None:
+def _check_eval_options(limit: int | None, batch_size: int, num_fewshot: int = 0, device: str | None = None) -> None:
     """Checked before anything runs, so a bad option never leaves a partial result merged."""
     is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices = "cpu" + (f", cuda or cuda:<index below {gpus}>" if gpus else " (no CUDA device on this machine)")
     for name, value, ok, allowed in [
             ("batch_size", batch_size, is_int(batch_size) and batch_size >= 1, "an int >= 1"),
             ("limit", limit, limit is None or is_int(limit) and limit >= 1, "an int >= 1, or None (all)"),
-            ("num_fewshot", num_fewshot, is_int(num_fewshot) and num_fewshot >= 0, "an int >= 0")]:
+            ("num_fewshot", num_fewshot, is_int(num_fewshot) and num_fewshot >= 0, "an int >= 0"),
+            ("device", device, device is None or device == "cpu" or gpus > 0 and isinstance(device, str) and
+             re.fullmatch(r"cuda(:\d+)?", device) is not None and int(device.partition(":")[2] or 0) < gpus,
+             devices)]:
         if not ok:
             raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}")
 
@@ -341,9 +369,17 @@ def evaluate_run(run_dir: str | Path, tasks: str = "core", limit: int | None = N
     perplexity corpus; perplexity_corpora="" skips perplexity. bootstrap_iters is for metrics without a
     closed-form standard error (LAMBADA's perplexity)."""
     run_dir = Path(run_dir)
-    _check_eval_options(limit, batch_size, num_fewshot)
+    _check_eval_options(limit, batch_size, num_fewshot, device)
     config, _ = read_run(run_dir)
     task_list, task_manager = resolve_tasks(tasks)  # a bad task name fails before the model is loaded
+    with RunLock(run_dir, create=False):   # scores merged into the summary of the model they scored
+        return _evaluate_run(run_dir, config, task_list, task_manager, limit, num_fewshot, batch_size, device,
+                             perplexity_corpora, bootstrap_iters)
+
+
+def _evaluate_run(run_dir: Path, config: ModelConfig, task_list: list, task_manager, limit: int | None,
+                  num_fewshot: int, batch_size: int, device: str | None, perplexity_corpora: str,
+                  bootstrap_iters: int) -> dict[str, Any]:
     lm = hf_lm(ensure_export(run_dir), batch_size, device, config.max_seq_len)
     rows, speed = downstream(lm, task_list, task_manager, limit, num_fewshot, bootstrap_iters)
     write_csv(run_dir / "downstream.csv", rows)
@@ -357,5 +393,5 @@ def evaluate_run(run_dir: str | Path, tasks: str = "core", limit: int | None = N
     print(f"{speed['loglikelihood_requests']} loglikelihood requests in {speed['seconds']:.1f}s: "
           f"{speed['requests_per_s']:.1f} requests/s")
     if perplexity_corpora:
-        results["perplexity"] = run_perplexity(run_dir, perplexity_corpora, limit, lm=lm)
+        results["perplexity"] = run_perplexity(run_dir, perplexity_corpora, limit, device=device, lm=lm)
     return results

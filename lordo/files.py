@@ -6,9 +6,11 @@ in that directory removes (lordo.runs.RunLock)."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -49,6 +51,14 @@ def update_json(path: Path, **entries: Any) -> None:
     write_json(path, {**old, **entries})
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def copy_file(source: Path, path: Path) -> None:
     _replace_atomic(path, lambda tmp: shutil.copyfile(source, tmp))
 
@@ -84,10 +94,29 @@ class JsonlLog:
             pass   # what failed to reach the disk was reported by append; a resumed run rewrites it
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, *, drop_torn_tail: bool = False) -> list[dict[str, Any]]:
+    """The records of an append-only JSONL log; a line that is not a JSON object raises naming the file and
+    the line. An append cut short (a full disk, a kill) leaves a last line without its newline that does not
+    parse: with `drop_torn_tail` it is dropped, and said so on stderr, else it raises like any bad line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_bytes().split(b"\n")   # the last item is b"" when the file ends with a whole line
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not an object")
+        except ValueError as e:
+            if drop_torn_tail and number == len(lines):
+                print(f"lordo: {path}: dropped its torn last line ({len(line)} bytes, an append cut short by a "
+                      "crash or a full disk)", file=sys.stderr)
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record ({str(e).splitlines()[0]})") from None
+        records.append(record)
+    return records
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

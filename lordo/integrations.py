@@ -10,14 +10,19 @@ Under torchrun, Trainer (through accelerate) wraps the model in DistributedDataP
 average every gradient and leave LoRDO no local steps. LoRDOTrainer builds the optimizer with a
 communicator on the process group, turns DDP's gradient all-reduce off
 (`lordo.comm.disable_ddp_allreduce`) and, unless `ddp_broadcast_buffers` is set, DDP's per-step buffer
-broadcast, and ends training on the averaged model (`LoRDO.finish`). transformers is imported here only:
+broadcast, and ends training on the averaged model (`LoRDO.finish`). Its checkpoints keep every
+worker's state (`lordo-worker<r>-of-<M>.pt` beside Trainer's files), so a resumed run continues bit for
+bit; `WorkerState` does the same for `torch.distributed.checkpoint`. transformers is imported here only:
 the optimizer does not need it.
 """
 
 from __future__ import annotations
 
+import io
+import os
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import transformers
 from torch import nn
@@ -33,6 +38,45 @@ def distributed_comm() -> DistComm | None:
     return None
 
 
+def worker_state(opt: LoRDO) -> dict[str, Any]:
+    """What differs between workers: lordo's state (moments, error feedback, anchor) and, between
+    synchronizations, the parameters themselves. `load_worker_state` puts it back."""
+    return {"optimizer": opt.state_dict(), "params": [p.detach().clone() for p in opt.params]}
+
+
+@torch.no_grad()
+def load_worker_state(opt: LoRDO, state: dict[str, Any]) -> None:
+    opt.load_state_dict(state["optimizer"])
+    torch._foreach_copy_(opt.params, list(state["params"]))
+
+
+class WorkerState:
+    """Every worker's `worker_state` for `torch.distributed.checkpoint`, under a key of its own
+    ("worker<rank>") and as one serialized object:
+
+        dcp.save({"lordo": WorkerState(opt)}, checkpoint_id=path)      # on every worker
+        dcp.load({"lordo": WorkerState(opt)}, checkpoint_id=path)      # same number of workers
+
+    A plain `opt.state_dict()` does not round-trip through dcp.save/load: DCP keeps one copy of a tensor
+    that every rank saves under the same key (rank 0's moments for everyone), and loads only the keys the
+    receiving state dict already has (a fresh optimizer has no projection yet)."""
+
+    def __init__(self, opt: LoRDO):
+        self.opt = opt
+        self.key = f"worker{opt.comm.rank if opt.comm is not None else 0}"
+
+    def state_dict(self) -> dict[str, Any]:
+        blob = io.BytesIO()
+        torch.save(worker_state(self.opt), blob)
+        blob.seek(0)
+        return {self.key: blob}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        blob = state_dict[self.key]     # the BytesIO of state_dict(), refilled by dcp.load
+        blob.seek(0)
+        load_worker_state(self.opt, torch.load(blob, map_location=self.opt.params[0].device, weights_only=True))
+
+
 class _Finish(transformers.TrainerCallback):
     def __init__(self, trainer: LoRDOTrainer):
         self.trainer = trainer
@@ -44,8 +88,8 @@ class _Finish(transformers.TrainerCallback):
 class LoRDOTrainer(transformers.Trainer):
     """`transformers.Trainer` whose optimizer is `lordo_method` (a name in `lordo.METHODS`).
 
-    The optimizer takes the Trainer's lr, betas, eps and weight decay (on the parameters Trainer
-    decays; not on biases and norms), then `lordo_hparams`. Parameters are split by
+    The optimizer takes the Trainer's lr, betas, eps, weight decay (on the parameters Trainer
+    decays; not on biases and norms) and max_grad_norm (lordo's `clip`), then `lordo_hparams`. Parameters are split by
     `lordo.split_params`; the lr scheduler and gradient accumulation are the Trainer's.
     """
 
@@ -80,7 +124,8 @@ class LoRDOTrainer(transformers.Trainer):
                                            lowrank=group["lowrank"],
                                            weight_decay=self.args.weight_decay if decayed else 0.0))
             args = self.args
-            hp = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+            hp = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                      clip=args.max_grad_norm or None)   # Trainer's 0 or None: no clip
             self.optimizer = LoRDO(groups, self.lordo_method, distributed_comm(), model=model,
                                    **(hp | self.lordo_hparams))
         return self.optimizer
@@ -94,3 +139,22 @@ class LoRDOTrainer(transformers.Trainer):
         if self.optimizer is not None:
             logs = {**logs, "lordo_payload_bytes": self.lordo.comm_stats()["payload_bytes"]}
         super().log(logs, *args, **kwargs)
+
+    def _worker_file(self, checkpoint: str) -> str:
+        return os.path.join(checkpoint, f"lordo-worker{self.args.process_index}-of-{self.args.world_size}.pt")
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)    # optimizer.pt: rank 0's state only
+        if self.lordo.comm is not None:
+            os.makedirs(output_dir, exist_ok=True)
+            torch.save(worker_state(self.lordo), self._worker_file(output_dir))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.lordo.comm is not None:
+            path = self._worker_file(checkpoint)
+            if not os.path.isfile(path):
+                raise ValueError(f"checkpoint {checkpoint} has no {os.path.basename(path)}: resume with the number "
+                                 "of processes that saved it")
+            load_worker_state(self.lordo, torch.load(path, map_location=self.lordo.params[0].device,
+                                                     weights_only=True))

@@ -10,16 +10,23 @@ registers during their one pass over the full-size tensors, with AVX-512 or AVX2
 (`ext.isas()`, `ext.set_isa(name)`). Their rounding is fixed by the order of the sums, not by the tiling or the
 threads, so the results are the same at any thread count and with any of the instruction sets; they differ from
 the optimizer's eager path (`LoRDO(..., fused=False)`, BLAS products) in the last bits (tests/test_kernels.py).
+
+Whether they beat the eager path depends on the CPU (the plain C++ build on a CPU without FMA instructions
+calls the C library per multiply-add), so `LoRDO(fused=None)` times both on each bucket's shape at first use and
+keeps the faster (`calibrated`: the timings cached in calibration.json beside the built kernels).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
 import shutil
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -63,3 +70,46 @@ def lowrank_cpu() -> ModuleType | None:
 def build_error() -> str | None:
     """Why `lowrank_cpu()` returned None, if it did."""
     return _error[-1] if _error else None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def calibration_file() -> Path:
+    """Where `calibrated` keeps its timings: beside the built kernels."""
+    return Path(lowrank_cpu().__file__).with_name("calibration.json")
+
+
+def calibrated(case: str, measure: Callable[[], dict[str, float]]) -> tuple[dict[str, float], bool]:
+    """(seconds per path, cached): the timings recorded for `case` with this source, CPU and instruction set in
+    `calibration_file()`, else `measure()`'s, recorded there. One process measures at a time (a file lock: the
+    ranks of a run on one machine wait for the first and read its timings)."""
+    ext, path = lowrank_cpu(), calibration_file()
+    key = " | ".join((hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10], cpu_model(), ext.set_isa(), case))
+    try:
+        lock = open(path.with_suffix(".lock"), "a")
+    except OSError:   # a cache this user cannot write: measured in every process
+        return measure(), False
+    with lock:
+        try:
+            import fcntl
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:   # Windows: no lock, at worst two processes measure at once
+            pass
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):   # none yet, or unreadable: measured again
+            table = {}
+        if key in table:
+            return table[key], True
+        table[key] = measure()
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+        return table[key], False

@@ -40,6 +40,7 @@ from lordo.runs import (
     Run,
     RunLock,
     check_claimable,
+    finished_run,
     latest_checkpoint,
     prepare_run_dir,
     read_saved_config,
@@ -87,11 +88,13 @@ def launch_torchrun(cfg: TrainConfig, run_dir: Path, start: int | None, stop_at:
     """Run every local rank to completion; on failure, raise naming the failed rank(s). torchrun inherits
     the run's lock (`lock_fd`), so the directory stays locked while any of it lives. It runs in its own
     session, so Ctrl-C reaches it once, from here: passed on (torchrun passes it to the ranks, which stop),
-    waited for, then re-raised."""
+    waited for, then re-raised. Should this process die unasked (kill -9), torchrun gets SIGTERM and stops
+    its ranks, which would otherwise run on unseen, holding the lock."""
     shutil.rmtree(run_dir / "errors", ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(torchrun_command(cfg, run_dir, start, stop_at), env=env, stderr=subprocess.PIPE,
-                            pass_fds=() if lock_fd is None else (lock_fd,), start_new_session=True)
+                            pass_fds=() if lock_fd is None else (lock_fd,), start_new_session=True,
+                            preexec_fn=_end_with_parent if sys.platform == "linux" else None)
     tail: list[str] = []
     quiet = threading.Event()
     reader = threading.Thread(target=_tee, args=(proc.stderr, sys.stderr, tail, quiet))
@@ -109,6 +112,13 @@ def launch_torchrun(cfg: TrainConfig, run_dir: Path, start: int | None, stop_at:
         kept = f"last checkpoint: step {step}, intact" if step is not None else "no checkpoint was written yet"
         raise LaunchError(f"torchrun exited with status {code}: {_first_failure(''.join(tail), run_dir)} "
                           f"({kept}, in {run_dir})")
+
+
+def _end_with_parent() -> None:
+    """In the child, before it runs torchrun: SIGTERM when the launching process dies (Linux prctl)."""
+    import ctypes
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -218,10 +228,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
     if stop_at is not None and not (isinstance(stop_at, int) and not isinstance(stop_at, bool) and stop_at >= 1):
         raise ValueError(f"stop_at={stop_at!r} is invalid: allowed an int >= 1")
     run_dir = run_dir_for(cfg)
-    if not force and not resume and (run_dir / "summary.json").is_file():
-        cached = Run.load(run_dir)
-        if cached.summary.get("config_hash") == cfg.hash():
-            return cached
+    if not force and not resume and finished_run(cfg, run_dir):
+        return Run.load(run_dir)
     check_claimable(run_dir)
     device = resolve_device(cfg)
     if cfg.launcher == "torchrun":
@@ -229,6 +237,8 @@ def train(config: TrainConfig | dict[str, Any] | None = None, *, force: bool = F
     data = prepare(cfg.corpus, cfg.tokenizer, cfg.vocab_size, max_tokens=cfg.corpus_tokens)
     model = asdict(model_config(cfg.preset, data.vocab_size, cfg.seq_len))
     with RunLock(run_dir) as lock, sigterm_as_ctrl_c():
+        if not force and not resume and finished_run(cfg, run_dir):   # another process finished it meanwhile
+            return Run.load(run_dir)
         start = prepare_run_dir(cfg, run_dir, resume, force, model, stop_at)
         copy_file(Path(data.tokenizer_path), run_dir / "tokenizer.json")
         try:

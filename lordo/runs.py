@@ -2,9 +2,14 @@
 
     runs/<method>-<preset>-<hash>/    (or --out)
         .lordo-run            marker: lordo made this directory; only such directories are replaced or cleaned
-        .lordo-run.lock       an OS lock held by the one process writing the run (names it: pid, host)
+        .lordo-run.lock       an OS lock held by the one command writing the run: train, eval, an export into it
         config.json metrics.jsonl sync.jsonl summary.json (written last) model.pt tokenizer.json
-        checkpoints/latest.json, checkpoints/step_<n>/rank<r>.pt   (the last two checkpoints)
+        checkpoints/latest.json, checkpoints/step_<n>/rank<r>.pt{,.sha256}   (the last two checkpoints)
+
+A run directory's identity is its config's every field (`TrainConfig.identity`), compared whenever one is
+reused; the hash keys results and keeps earlier runs' keys. Nothing read back is trusted unchecked: a torn
+last log line is dropped on resume, a bad index is rebuilt from the checkpoint folders, and a checkpoint
+loads only when its sha256 verifies (else the one before it does).
 
 A run resumed up to a different `steps` is not the run a fresh config gives (the lr schedule depends
 on `steps`): config.json records the earlier `steps` as `extended_from`, and its result gets its own
@@ -18,11 +23,12 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
+import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +36,7 @@ from typing import Any
 import torch
 
 from lordo.config import TrainConfig, make_config
-from lordo.files import read_jsonl, save_torch, write_json, write_jsonl
+from lordo.files import read_jsonl, save_torch, sha256_file, write_atomic, write_json, write_jsonl
 from lordo.paths import REPO, in_checkout
 
 MARKER = ".lordo-run"
@@ -118,42 +124,72 @@ class RunInUse(RuntimeError):
     """Another process writes this run directory."""
 
 
-class RunLock:
-    """Exclusive ownership of a run directory for the life of this process (flock: released on exit and on
-    crash). Creates the directory and its marker."""
+_HELD: dict[Path, int] = {}   # run directories this process holds the lock of -> the holding thread's id
 
-    def __init__(self, run_dir: Path):
+
+class RunLock:
+    """Exclusive ownership of a run directory (flock: released on exit and on crash), taken by every command
+    that writes into one: train (which creates the directory and its marker), eval and export (`create=False`:
+    an existing run). Re-entered by the thread that holds it (eval exports, then scores, under one lock)."""
+
+    def __init__(self, run_dir: Path, create: bool = True):
         self.run_dir = run_dir
+        self.create = create
         self.fd: int | None = None
+        self.key = Path(os.path.abspath(run_dir))
 
     def __enter__(self) -> RunLock:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if _HELD.get(self.key) == threading.get_ident():
+            return self
+        if self.create:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
-            raise RunInUse(f"{self.run_dir} is in use by {holder}: one run writes a directory at a time; "
-                           "wait for it, or choose another --out") from None
+            raise RunInUse(f"{self.run_dir} is in use by {_describe(holder)}: one command writes a run directory at "
+                           "a time; wait for it, or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
                   .encode(), 0)
         self.fd = fd
-        marker = self.run_dir / MARKER
-        if not marker.is_file():
-            marker.write_text("lordo made this run directory; `lordo train --force` replaces only lordo's files\n")
-        for tmp in self.run_dir.rglob(".*.tmp"):   # left by writes that were interrupted
-            tmp.unlink(missing_ok=True)
+        _HELD[self.key] = threading.get_ident()
+        if self.create:
+            marker = self.run_dir / MARKER
+            if not marker.is_file():
+                marker.write_text("lordo made this run directory; `lordo train --force` replaces only lordo's "
+                                  "files\n")
+            for tmp in self.run_dir.rglob(".*.tmp"):   # left by writes that were interrupted
+                tmp.unlink(missing_ok=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self.fd is not None:
+            del _HELD[self.key]
             os.ftruncate(self.fd, 0)
             os.close(self.fd)   # releases the lock
             self.fd = None
+
+
+def _describe(holder: str) -> str:
+    """The lock's holder as its file names it; a holder on this machine that has exited left the lock to the
+    processes it started (torchrun and its ranks), which still run."""
+    found = re.fullmatch(r"pid (\d+) on (\S+) since .*", holder)
+    if not found:
+        return holder or "another process"
+    pid, host = int(found.group(1)), found.group(2)
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"processes that {holder} started and that outlive it (its torchrun ranks?)"
+        except PermissionError:
+            pass
+    return holder
 
 
 # ---------------------------------------------------------------------- checkpoints
@@ -161,31 +197,56 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:07d}"
 
 
-def _latest(run_dir: Path) -> dict[str, Any] | None:
+def _checksum_file(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + ".sha256")
+
+
+def _saved_steps(run_dir: Path) -> list[int]:
+    """The steps of every checkpoint folder, latest first (complete or not)."""
+    steps = [int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*")
+             if p.name.removeprefix("step_").isdigit()]
+    return sorted(steps, reverse=True)
+
+
+def _index(run_dir: Path) -> dict[str, Any] | None:
+    """checkpoints/latest.json: {"step": int, "previous": int or None, ...}; None when there is none. An index
+    that is not one (a torn or foreign file, `[]`) is named on stderr and rebuilt from the checkpoint folders,
+    so that a bad byte there never restarts a run from step 0."""
     path = run_dir / "checkpoints" / "latest.json"
     if not path.is_file():
         return None
+    is_step = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
     try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise ValueError(f"{path} is not a checkpoint index (not JSON); remove it to start over") from None
+        index = json.loads(path.read_text())
+        ok = isinstance(index, dict) and is_step(index.get("step")) and \
+            (index.get("previous") is None or is_step(index["previous"]))
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if ok:
+        return index
+    steps = _saved_steps(run_dir)
+    print(f"lordo: {path} is not a checkpoint index; using the checkpoint folders instead "
+          f"({', '.join(map(str, steps)) or 'none'})", file=sys.stderr)
+    return {"step": steps[0], "previous": None, "scanned": steps} if steps else None
 
 
 def latest_checkpoint(run_dir: Path) -> int | None:
-    latest = _latest(run_dir)
-    return latest["step"] if latest else None
+    index = _index(run_dir)
+    return index["step"] if index else None
 
 
 def save_checkpoint(run_dir: Path, comm: Any, step: int, payload: dict[str, Any]) -> None:
-    """Every worker saves its state; rank 0 then points `latest.json` at the complete step and keeps the
-    one before it (the fallback when the latest turns out unreadable)."""
+    """Every worker saves its state and its sha256 (checked on load); rank 0 then points `latest.json` at the
+    complete step and keeps the one before it (the fallback when the latest turns out damaged)."""
     target = step_dir(run_dir, step)
     target.mkdir(parents=True, exist_ok=True)
-    save_torch(target / f"rank{comm.rank}.pt", payload)
+    path = target / f"rank{comm.rank}.pt"
+    save_torch(path, payload)
+    write_atomic(_checksum_file(path), lambda f: f.write(sha256_file(path) + "\n"))
     comm.barrier()
     if comm.rank == 0:
-        previous = latest_checkpoint(run_dir)
-        previous = previous if previous != step else (_latest(run_dir) or {}).get("previous")
+        index = _index(run_dir) or {}
+        previous = index.get("step") if index.get("step") != step else index.get("previous")
         write_json(run_dir / "checkpoints" / "latest.json",
                    {"step": step, "previous": previous, "world_size": comm.world_size})
         keep = {target, step_dir(run_dir, previous)} if previous is not None else {target}
@@ -195,28 +256,30 @@ def save_checkpoint(run_dir: Path, comm: Any, step: int, payload: dict[str, Any]
     comm.barrier()
 
 
-def _unreadable(path: Path) -> str | None:
-    """Why a checkpoint file cannot be loaded (missing, truncated), or None. Reads only the zip directory."""
+def _damage(path: Path) -> str | None:
+    """Why a checkpoint file must not be loaded (missing, no checksum, its bytes not the ones saved), or None."""
     if not path.is_file():
         return "missing"
     try:
-        with zipfile.ZipFile(path):
-            return None
-    except (zipfile.BadZipFile, OSError) as e:
-        return f"unreadable: {e}"
+        expected = _checksum_file(path).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return f"without its checksum ({_checksum_file(path).name})"
+    if sha256_file(path) != expected:
+        return "damaged (its sha256 is not the one saved with it)"
+    return None
 
 
-def usable_checkpoint(run_dir: Path, world_size: int) -> int | None:
-    """The step to resume from: the latest checkpoint whose every rank's file is intact, else the one before;
-    names each bad file on stderr."""
-    latest = _latest(run_dir)
-    if latest is None:
+def usable_checkpoint(run_dir: Path, world_size: int, index: dict[str, Any] | None = None) -> int | None:
+    """The step to resume from: the latest checkpoint whose every rank's file verifies, else the one before
+    (all the checkpoint folders, latest first, when the index was rebuilt); names each bad file on stderr."""
+    index = index or _index(run_dir)
+    if index is None:
         return None
-    for step in (latest["step"], latest.get("previous")):
+    for step in index.get("scanned") or (index["step"], index.get("previous")):
         if step is None:
             continue
         bad = [(p, why) for p in (step_dir(run_dir, step) / f"rank{r}.pt" for r in range(world_size))
-               if (why := _unreadable(p))]
+               if (why := _damage(p))]
         if not bad:
             return step
         for path, why in bad:
@@ -226,10 +289,13 @@ def usable_checkpoint(run_dir: Path, world_size: int) -> int | None:
 
 
 def load_checkpoint(run_dir: Path, step: int, rank: int, device: torch.device) -> dict[str, Any]:
+    """One rank's state, verified against its checksum before it is read."""
     path = step_dir(run_dir, step) / f"rank{rank}.pt"
+    if why := _damage(path):
+        raise ValueError(f"checkpoint {path} is {why}")
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:   # noqa: BLE001 - verified bytes that torch cannot read: a writer's bug, named
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") \
             from None
 
@@ -237,7 +303,7 @@ def load_checkpoint(run_dir: Path, step: int, rank: int, device: torch.device) -
 # ---------------------------------------------------------------------- starting a run
 def _truncate_jsonl(path: Path, step: int) -> None:
     """Keep the records up to `step` (a resumed run rewrites what came after its checkpoint)."""
-    write_jsonl(path, [r for r in read_jsonl(path) if r["step"] <= step])
+    write_jsonl(path, [r for r in read_jsonl(path, drop_torn_tail=True) if r.get("step", 0) <= step])
 
 
 def _remove_run_files(run_dir: Path, names: tuple[str, ...] = RUN_FILES) -> None:
@@ -249,26 +315,43 @@ def _remove_run_files(run_dir: Path, names: tuple[str, ...] = RUN_FILES) -> None
             path.unlink(missing_ok=True)
 
 
+def finished_run(cfg: TrainConfig, run_dir: Path) -> bool:
+    """Whether run_dir holds this config's finished result (its summary keyed by the config's hash)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("config_hash") == cfg.hash()
+
+
 def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force: bool, model: dict[str, Any],
                     stop_at: int | None = None) -> int | None:
     """Decide between resumed and fresh (the caller holds the RunLock); returns the step to resume from,
-    or None for a fresh start. Every check comes before the first change. Writes config.json."""
+    or None for a fresh start. Every check comes before the first change; nothing is deleted without `force`
+    but what a run that never checkpointed left, and checkpoints that did not verify. Writes config.json."""
     extended: list[int] = []
     start = None
     has_run = (run_dir / "config.json").is_file()
     if has_run and not force:
         saved, old = read_saved_config(run_dir)
         extended = list(saved.get("extended_from", []))
-        checkpoint = latest_checkpoint(run_dir)
+        index = _index(run_dir)
+        checkpoint = index["step"] if index else None
         finished = (run_dir / "summary.json").is_file()
-        diff = {k: (v, getattr(cfg, k)) for k, v in old.result_dict().items()
-                if getattr(cfg, k) != v and not (k == "steps" and resume)}
+        # the whole config, every field set or not; and the hash its fields resolve to (the optimizer's
+        # defaults of the lordo that wrote it)
+        diff = {k: (v, now) for k, v in old.identity().items()
+                if (now := getattr(cfg, k)) != v and not (k == "steps" and resume)}
+        if not diff and saved.get("hash", old.hash()) != old.hash():
+            diff = {"hash (the optimizer defaults it resolves to)": (saved["hash"], old.hash())}
+        if not diff and (now := cfg.replace(steps=old.steps).hash()) != old.hash():   # as 4 against 4.0
+            diff = {"hash": (old.hash(), now)}
         if diff and (checkpoint is not None or finished):
             k, (was, now) = next(iter(diff.items()))
             raise ValueError(f"{run_dir} holds a run with a different config ({k}: {was!r} there, {now!r} now); "
                              "choose another out directory, or force=True / --force to replace it")
         if diff:      # a start that failed before its first checkpoint: nothing to keep
-            extended, checkpoint = [], None
+            extended, checkpoint, index = [], None, None
         if resume is None:
             resume = checkpoint is not None and not finished
         if resume and checkpoint is None:
@@ -277,8 +360,12 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force:
             raise ValueError(f"{run_dir} holds a run resumed from steps={extended[-1]} to {old.steps}, which a "
                              "fresh run does not reproduce (the lr schedule depends on steps); choose another "
                              "out directory, or force=True / --force to replace it")
+        if not resume and finished:
+            raise ValueError(f"{run_dir} holds a finished run that is not this config's cached result "
+                             f"(summary.json's config_hash is not {cfg.hash()}); choose another out directory, "
+                             "or force=True / --force to replace it")
         if resume:
-            start = usable_checkpoint(run_dir, old.workers)
+            start = usable_checkpoint(run_dir, old.workers, index)
             if start > cfg.steps:
                 raise ValueError(f"config field steps={cfg.steps} is invalid: allowed an int >= the checkpoint's "
                                  f"step {start}")
@@ -287,14 +374,14 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool | None, force:
                                  f"from ({start})")
             if cfg.steps != old.steps:
                 extended.append(old.steps)
-            if start != checkpoint:   # the latest was unreadable: it goes, the fallback becomes the latest
+            if start != checkpoint or "scanned" in index:   # the fallback, or a rebuilt index, becomes the index
                 write_json(run_dir / "checkpoints" / "latest.json",
                            {"step": start, "previous": None, "world_size": old.workers})
             for name in ("metrics.jsonl", "sync.jsonl"):
                 _truncate_jsonl(run_dir / name, start)
-            for later in (run_dir / "checkpoints").glob("step_*"):   # unreadable or never completed
-                if int(later.name.removeprefix("step_")) > start:
-                    shutil.rmtree(later)
+            for later in _saved_steps(run_dir):   # damaged or never completed
+                if later > start:
+                    shutil.rmtree(step_dir(run_dir, later))
             (run_dir / "summary.json").unlink(missing_ok=True)
     elif resume:
         raise FileNotFoundError(f"nothing to resume in {run_dir}: no run there")

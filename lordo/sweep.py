@@ -122,7 +122,8 @@ def heldout_loss(run: Run, device: torch.device | None = None) -> tuple[float, i
     return loss, (len(tokens) - 1) // c.seq_len * c.seq_len
 
 
-def _table(runs: list[Run], variants: list[str], stage: str) -> pd.DataFrame:
+def run_table(runs: list[Run], variants: list[str], stage: str) -> pd.DataFrame:
+    """summaries() of `runs` with their variant, stage, lr, config hash and held-out loss and perplexity."""
     rows = summaries(runs).assign(variant=variants, stage=stage, lr=[r.config.lr for r in runs],
                                   config_hash=[r.config.hash() for r in runs])
     held = [heldout_loss(r) for r in runs]
@@ -138,7 +139,7 @@ def compute(P: dict[str, Any]) -> dict[str, pd.DataFrame]:
     def run(pairs: list[tuple[str, TrainConfig]], stage: str, desc: str) -> pd.DataFrame:
         runs = train_all([c for _, c in pairs], desc=desc)
         trained.update((r.config.hash(), r) for r in runs)
-        return _table(runs, [v for v, _ in pairs], stage)
+        return run_table(runs, [v for v, _ in pairs], stage)
 
     table = run(list(zip(grid_variants(P), grid(P))), "grid", "lr sweep")
     for _ in range(MAX_EXTENSIONS):
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="cpu", help="notebooks/params/<preset>.yaml or a .yaml path (default cpu)")
     parser.add_argument("--recompute", action="store_true", help="recompute even when the cached tables match")
     args = parser.parse_args(argv)
-    values = load_preset(args.preset)
+    values = load_preset(args.preset, "lordo.sweep")
     values["steps"] = values.get("gap_steps")   # as in notebook 06: the shared point trains gap_steps
     try:
         P = check_params(**{k: values.get(k) for k in PARAMS})

@@ -85,3 +85,29 @@ def test_train_groups_returns_runs_by_group(tmp_path, shakespeare):
     seeds = {name: [r.config.seed for r in group] for name, group in runs.items()}
     assert seeds == {"a": [1, 2], "empty": [], "b": [3]}
     assert all(r.config == cfg for name in groups for r, cfg in zip(runs[name], groups[name]))
+
+
+@pytest.mark.parametrize("measured, headline", [
+    ("tiny, M = 4: LoRDO's perplexity gap to low-rank DDP +25.32% [95% CI +23.87, +26.76] (3 seeds) (negative: "
+     "LoRDO better)", "tiny, M = 4: LoRDO's perplexity gap to low-rank DDP +25.32% [+23.87, +26.76]"),
+    ("nano: moments take 0.135 MB vs AdamW's 0.852 MB (0.16x; r(p+2q)/(2pq) predicts 0.16x); with error feedback 1.4x",
+     "nano: moments take 0.135 MB vs AdamW's 0.852 MB"),
+    ("tiny: gap +46.0% [+42.1, +49.9] at 524,288 tokens (growing, 3 seeds). Decomposition: +7.0%",
+     "tiny: gap +46.0% [+42.1, +49.9] at 524,288 tokens"),
+])
+def test_claims_headline_keeps_the_number_and_its_interval(measured, headline):
+    assert analysis.claims.headline(measured) == headline
+
+
+def test_short_claims_table_numbers_rows_and_keeps_every_word_in_the_details():
+    ref = analysis.paper_reference()["claims"]["4"]
+    row = {"notebook": "00_quickstart", "claim": f"4. {ref['claim']}", "paper": f"paper: {ref['paper']}",
+           "source": ref["source"], "this run": "tiny: gap +25.3% [95% CI +23.9, +26.8] (3 seeds); 14x fewer bytes",
+           "verdict": "not supported"}
+    table, details = analysis.claims.short_claims(pd.DataFrame([row, row]))
+    lines = table.splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["#", "claim", "paper", "this run", "verdict"]
+    assert len(lines) == 4 and "| [2](#claim-2) |" in lines[3].replace("  ", " ")
+    assert f"| {ref['short']} |" in lines[2] and "tiny: gap +25.3% [+23.9, +26.8] |" in lines[2]
+    assert len(details) == 2 and details[1].startswith('2. <a id="claim-2"></a>**4. ')
+    assert all(text in details[0] for text in (ref["paper"], ref["source"], row["this run"], "(00_quickstart)"))

@@ -1,6 +1,8 @@
 """The command line and the results store as a user meets them: bad values, Ctrl-C, kill -9, two runs at
 once, --force on a user's folder, a full disk, a corrupt checkpoint, and every command the README shows."""
 
+import argparse
+import importlib.metadata
 import json
 import os
 import random
@@ -133,13 +135,40 @@ def test_numbers_are_read_as_people_write_them(tmp_path):
 def test_help_says_every_default_and_what_is_allowed(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    text = text[text.index("options:"):]
-    names = [f.name for f in fields(TrainConfig)]
-    starts = [text.index(f" --{n.replace('_', '-')} {n.upper()} ") if n.upper() in text else
-              text.index(f" --{n.replace('_', '-')}, --no-") for n in names] + [len(text)]
-    for name, begin, end in zip(names, starts, starts[1:]):
-        assert re.search(r"\(default: [^;]+; allowed: [^)]+", text[begin:end]), (name, text[begin:end])
+    text = capsys.readouterr().out
+    sections = {head.split(":")[0]: body for head, body in
+                (part.split("\n", 1) for part in re.split(r"\n\n(?=[a-z][a-z ]*:\n)", text)[1:])}
+    assert list(sections) == ["options", *cli.TRAIN_GROUPS]
+    entries = {e.split()[0].rstrip(","): (section, " ".join(e.split())) for section, body in sections.items()
+               for e in re.split(r"\n  (?=--)", "\n" + body)[1:]}
+    for f in fields(TrainConfig):
+        section, entry = entries["--" + f.name.replace("_", "-")]
+        assert re.search(r"\(default: [^;]+; allowed: [^)]+", entry), (f.name, entry)
+        assert f.name in cli.TRAIN_GROUPS[section] or section == "optimizer" and not any(
+            f.name in names for names in cli.TRAIN_GROUPS.values()), (f.name, section)
+        switch = f.type in ("bool", "bool | None")      # one style for every switch: --x / --no-x
+        assert (f", --no-{f.name.replace('_', '-')} " in entry) == switch, entry
+    assert {"--config", "--force", "--resume", "--stop-at"} <= {k for k, (s, _) in entries.items() if s == "run store"}
+
+
+@pytest.mark.parametrize("command", ["train", "prepare", "export", "eval"])
+def test_every_subcommand_has_a_description_and_help_for_every_option(command, capsys):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    assert sub.description and all(a.help for a in sub._actions), [a.dest for a in sub._actions if not a.help]
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0 and sub.description.split()[0] in capsys.readouterr().out
+
+
+def test_version_and_description(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"lordo {importlib.metadata.version('lordo')}\n"
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert "train, evaluate and export LoRDO runs" in text and "lordo eval runs/x --tasks core" in text
 
 
 # ---------------------------------------------------------------------- the store
@@ -270,7 +299,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capf
     bad = tmp_path / "cut" / "checkpoints" / "step_0000012" / "rank1.pt"
     bad.write_bytes(bad.read_bytes()[:1000])                    # truncated
     resumed = lordo.train(cfg, out=str(tmp_path / "cut"), resume=True)
-    assert f"checkpoint {bad} is unreadable" in capfd.readouterr().err
+    assert f"checkpoint {bad} is damaged" in capfd.readouterr().err
     same_result(straight.dir, resumed.dir)
 
 

@@ -2,6 +2,7 @@
 every way of passing parameters, torch.optim's conventions, transformers.Trainer and DDP."""
 
 import io
+import os
 import subprocess
 import sys
 import warnings
@@ -21,6 +22,13 @@ WORKER = Path(__file__).with_name("integration_worker.py")
 def gpt2():
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG))
+
+
+def gpt2_wide_vocab():
+    """vocab = 4 x width, as in the README's example: the MLP's Conv1D weights (stored in x out) have the
+    vocabulary's size on one side, and stay low-rank matrices."""
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**CONFIG | dict(vocab_size=4 * CONFIG["n_embd"])))
 
 
 def llama():
@@ -65,7 +73,7 @@ WAYS = {
 }
 
 
-@pytest.mark.parametrize("build", [gpt2, llama, classifier])
+@pytest.mark.parametrize("build", [gpt2, gpt2_wide_vocab, llama, classifier])
 @pytest.mark.parametrize("way", WAYS)
 def test_one_classification_rule_for_every_way_of_passing_parameters(build, way):
     model = build()
@@ -129,6 +137,36 @@ def test_parameters_without_gradient_are_untouched(method):
     assert not torch.equal(results[0][1], llama().model.layers[0].self_attn.k_proj.weight)   # the rest trained
 
 
+@pytest.mark.parametrize("outer", [dict(), dict(outer_lr=0.7, outer_momentum=0.9)], ids=["plain", "outer optimizer"])
+def test_gradient_gone_at_the_synchronization_keeps_its_bits(outer):
+    """One process, no communicator: a matrix and a norm with gradients for three steps and none at the fourth,
+    the synchronizing step, keep exactly their values after the third step, as torch.optim leaves them."""
+    model = llama()
+    opt = LoRDO(model.named_parameters(), "lordo", lr=1e-2, rank=4, sync_every=4, **outer)
+    gone = [model.model.layers[1].mlp.up_proj.weight, model.model.layers[1].post_attention_layernorm.weight]
+    for step in range(4):
+        x = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(step))
+        model(input_ids=x, labels=x).loss.backward()
+        if step == 3:
+            before = [p.detach().clone() for p in gone]
+            for p in gone:
+                p.grad = None
+        opt.step()
+        opt.zero_grad()
+    assert opt.synced and all(torch.equal(a, p) for a, p in zip(before, gone))
+    assert opt.comm_stats()["payload_bytes"] == opt.comm_stats()["collectives"] == 0   # nothing was sent
+
+
+@pytest.mark.parametrize("max_grad_norm, clip", [(0.0, None), (0.5, 0.5), (1.0, 1.0)])
+def test_trainer_passes_max_grad_norm_as_the_clip(tmp_path, max_grad_norm, clip):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_grad_norm=max_grad_norm, use_cpu=True,
+                                          report_to="none")
+    trainer = LoRDOTrainer(model=gpt2(), args=args, lordo_hparams=dict(rank=4))
+    assert trainer.create_optimizer().hparams["clip"] == clip
+    assert LoRDOTrainer(model=gpt2(), args=args, lordo_hparams=dict(rank=4, clip=2.0)).create_optimizer()\
+        .hparams["clip"] == 2.0                                   # lordo_hparams has the last word
+
+
 def test_optimizer_protocol():
     model = llama()
     opt = make_optimizer("lordo", model, rank=4)
@@ -154,6 +192,13 @@ def test_optimizer_protocol():
     extra = torch.nn.Parameter(torch.randn(32, 40))
     late.add_param_group({"params": [extra], "param_names": ["extra"], "rank": 2})   # before the first step: works
     assert "extra" in late.lowrank_names and any(b.rank == 2 for b in late.buckets)
+    older = {**saved, "param_groups": [{k: v for k, v in g.items() if k != "lordo"} for g in saved["param_groups"]],
+             "lordo": saved["param_groups"][0]["lordo"]}        # checkpoints written before: counters at the top
+    again = make_optimizer("lordo", model, rank=4)
+    again.load_state_dict(older)
+    assert again.steps == 1 and "lordo" not in again.param_groups[0]
+    assert all(torch.equal(v, opt.state[q][k]) if torch.is_tensor(v) else v == opt.state[q][k]
+               for k, v in again.state[q].items())
     other = make_optimizer("lordo", llama(), rank=8)
     with pytest.raises(ValueError, match="checkpoint has rank 4 for parameter "
                                          "'model.layers.0.self_attn.q_proj.weight', this optimizer rank 8"):
@@ -210,7 +255,7 @@ def test_trainer_single_process(tmp_path):
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert losses[-1] < losses[0]
     logged = [e["lordo_payload_bytes"] for e in trainer.state.log_history if "lordo_payload_bytes" in e]
-    assert logged[-1] == opt.comm_stats()["payload_bytes"] > 0    # one worker's count: what M workers would send
+    assert logged[-1] == opt.comm_stats()["payload_bytes"] == 0   # one process sends nothing
 
 
 @pytest.mark.integration
@@ -242,3 +287,57 @@ def test_under_torchrun_ddp_and_trainer_take_local_steps(tmp_path):
         assert r["ddp_refused"].startswith("lordo: the first gradients are identical on all 2 workers")
         assert "lordo.integrations.LoRDOTrainer" in r["ddp_refused"] and "\n" not in r["ddp_refused"]
         assert "torch.distributed runs 2 processes but this 'lordo' optimizer has no communicator" in r["no_comm"]
+
+
+@pytest.mark.integration
+def test_distributed_checkpoints_keep_every_workers_state(tmp_path):
+    """2 gloo processes (tests/checkpoint_worker.py), saved at step 4 of 8 with sync_every=3, when the workers
+    differ: LoRDOTrainer and torch.distributed.checkpoint (WorkerState) resume bit for bit on each worker;
+    get/set_optimizer_state_dict round-trip lordo's state; an FSDP2 model is refused in one line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(WORKER.with_name("checkpoint_worker.py")), str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               "PYTHONPATH": str(WORKER.parent.parent)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert sorted(p.name for p in (tmp_path / "trainer" / "checkpoint-4").glob("lordo-worker*")) == [
+        "lordo-worker0-of-2.pt", "lordo-worker1-of-2.pt"]
+    for r in ranks:
+        for run in ("trainer", "dcp"):
+            full, resumed = r[run]["full"], r[run]["resumed"]
+            assert len(resumed) == 4 and all(torch.equal(a, b) for a, b in zip(full[-4:], resumed)), run
+        original, loaded = r["round_trips"]["original"], r["round_trips"]["get_set"]
+        assert original["param_groups"] == loaded["param_groups"]          # lordo's counters ride in group 0
+        assert original["state"].keys() == loaded["state"].keys()
+        for i, state in original["state"].items():
+            assert state.keys() == loaded["state"][i].keys()
+            assert all(torch.equal(v, loaded["state"][i][k]) if torch.is_tensor(v) else v == loaded["state"][i][k]
+                       for k, v in state.items())
+        assert r["fsdp"].startswith("lordo: parameter 'transformer.h.0.attn.c_attn.weight' is a DTensor shard")
+        assert "DistributedDataParallel" in r["fsdp"] and "\n" not in r["fsdp"]
+    workers_differ = [torch.equal(a, b) for a, b in zip(ranks[0]["trainer"]["full"], ranks[1]["trainer"]["full"])]
+    assert workers_differ[3] is False        # step 4, the checkpoint: each worker's own model was restored
+    assert not torch.equal(ranks[0]["round_trips"]["original"]["state"][5]["exp_avg"],
+                           ranks[1]["round_trips"]["original"]["state"][5]["exp_avg"])   # and its own moments
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("framework", ["accelerate", "lightning"])
+def test_framework_recipes_take_real_local_steps(tmp_path, framework):
+    """2 gloo processes (tests/frameworks_worker.py): the README's accelerate recipe and Lightning's DDP strategy
+    with lordo.lightning.LoRDOCallback give each worker, after every step and at the end, the parameters of a
+    plain loop without any wrapper, bit for bit: local steps between synchronizations (sync_every=3)."""
+    if framework == "lightning":
+        pytest.importorskip("lightning")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(WORKER.with_name("frameworks_worker.py")), str(tmp_path), framework]
+    path = os.pathsep.join(filter(None, [str(WORKER.parent.parent), os.environ.get("PYTHONPATH")]))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={
+        "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for r in ranks:
+        assert len(r[framework]) == 6 and all(torch.equal(a, b) for a, b in zip(r["plain"], r[framework]))
+    equal = [torch.equal(a, b) for a, b in zip(ranks[0][framework], ranks[1][framework])]
+    assert equal == [False, False, True, False, False, True]      # steps 1-5, then after finish()

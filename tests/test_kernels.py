@@ -11,12 +11,15 @@ feedback, the QH term and its update_rms scale, weight decay, the clip biting) o
 fresh projection, bf16 state).
 """
 
+import json
+import threading
+
 import pytest
 import torch
 
 import lordo.kernels
 import lordo.optim.optimizer
-from lordo.comm import cpu_threads
+from lordo.comm import cpu_threads, run_simulated
 from lordo.optim import make_optimizer
 
 SHAPES = {"emb": (16, 48), "w_in": (48, 24), "w_out": (24, 72), "bias": (72,)}   # w_in: p > q, stored transposed
@@ -89,7 +92,7 @@ def test_compiled_step_matches_the_eager_step(method, hp, monkeypatch):
     runs = {}
     for threads in (1, 2):
         with cpu_threads(threads):
-            runs[threads] = train(method, hp, None, monkeypatch)
+            runs[threads] = train(method, hp, True, monkeypatch)
     with cpu_threads(1):
         eager, eager_state, eager_calls = train(method, hp, False, monkeypatch)
     (compiled, compiled_state, calls), (two, two_state, _) = runs[1], runs[2]
@@ -103,6 +106,90 @@ def test_compiled_step_matches_the_eager_step(method, hp, monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(a, c))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def step_twice(fused: bool | None) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The parameters after two steps on fixed random gradients, and the optimizer's `step_paths()`. No clip and
+    gradients that do not depend on the parameters: each matrix's result depends on its own path alone."""
+    params = init_params()
+    groups = [{"params": [params["w_in"], params["w_out"], params["bias"]], "lowrank": True},
+              {"params": [params["emb"]], "lowrank": False}]
+    opt = make_optimizer("lordo", groups, fused=fused, lr=0.02, rank=4, clip=None)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        for p in params.values():
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return {n: p.detach() for n, p in params.items()}, opt.step_paths()
+
+
+def test_fused_none_takes_the_path_measured_faster_for_each_shape_and_caches_the_timings(tmp_path, monkeypatch):
+    """fused=None times each bucket's shape once per CPU, instruction set and shape (here a stand-in that makes
+    the kernels faster for w_in, stored 48 x 24, and slower for w_out), keeps the timings in the calibration file,
+    and steps each bucket on the faster path: w_in's bits are fused=True's, w_out's fused=False's. A second
+    optimizer reads the file; fused=True and False do not consult it."""
+    monkeypatch.setattr(lordo.kernels, "calibration_file", lambda: tmp_path / "calibration.json")
+    measured = []
+
+    def stand_in(method, hp, stored, n):
+        measured.append((method, stored, n, hp["rank"]))
+        return {"kernels": 0.001, "eager": 0.002} if stored == (48, 24) else {"kernels": 0.004, "eager": 0.003}
+
+    monkeypatch.setattr(lordo.optim.optimizer, "time_step_paths", stand_in)
+    isa = lordo.kernels.lowrank_cpu().set_isa()
+    chosen, paths = step_twice(None)
+    assert sorted(measured) == [("lordo", (24, 72), 1, 4), ("lordo", (48, 24), 1, 4)]
+    by_shape = {row["stored_shape"]: row for row in paths}
+    assert by_shape[(48, 24)] == {"matrices": 1, "stored_shape": (48, 24), "rank": 4, "path": f"kernels {isa}",
+                                  "why": "fused=None: the faster here", "kernels_ms": 1.0, "eager_ms": 2.0,
+                                  "cached": False}
+    assert by_shape[(24, 72)]["path"] == "eager" and by_shape[(24, 72)]["why"] == "fused=None: the faster here"
+    kernels, kernel_paths = step_twice(True)
+    eager, eager_paths = step_twice(False)
+    assert torch.equal(chosen["w_in"], kernels["w_in"]) and not torch.equal(chosen["w_in"], eager["w_in"])
+    assert torch.equal(chosen["w_out"], eager["w_out"]) and not torch.equal(chosen["w_out"], kernels["w_out"])
+    assert [r["path"] for r in kernel_paths] == [f"kernels {isa}"] * 2 and kernel_paths[0]["why"] == "fused=True"
+    assert [r["path"] for r in eager_paths] == ["eager"] * 2 and eager_paths[0]["why"] == "fused=False"
+    again = step_twice(None)[1]
+    assert len(measured) == 2 and all(row["cached"] for row in again)
+    assert [r["path"] for r in again] == [r["path"] for r in paths]
+
+
+def test_the_calibration_times_both_paths_for_real(tmp_path, monkeypatch):
+    """Without a stand-in: both paths timed on this machine, the faster one taken."""
+    monkeypatch.setattr(lordo.kernels, "calibration_file", lambda: tmp_path / "calibration.json")
+    for row in step_twice(None)[1]:
+        assert 0 < row["kernels_ms"] < 1e4 and 0 < row["eager_ms"] < 1e4 and not row["cached"]
+        assert row["path"].startswith("kernels") == (row["kernels_ms"] <= row["eager_ms"])
+    assert len(json.loads((tmp_path / "calibration.json").read_text())) == 2
+
+
+def test_every_worker_takes_worker_0s_paths(monkeypatch):
+    """Distributed (simulated workers), each shape steps on worker 0's choice on every worker, here against worker
+    1's own timings, so the replicas of lowrank_ddp, which step alike on averaged gradients, stay bit-identical."""
+    def timings(case, measure):   # worker 0 measures the kernels faster, worker 1 the eager path
+        kernels_first = threading.current_thread().name == "lordo-worker-0"
+        return {"kernels": 0.001, "eager": 0.002} if kernels_first else {"kernels": 0.002, "eager": 0.001}, False
+
+    monkeypatch.setattr(lordo.optim.optimizer, "calibrated", timings)
+    isa = lordo.kernels.lowrank_cpu().set_isa()
+
+    def worker(comm):
+        params = init_params()
+        groups = [{"params": [params["w_in"], params["w_out"], params["bias"]], "lowrank": True},
+                  {"params": [params["emb"]], "lowrank": False}]
+        opt = make_optimizer("lowrank_ddp", groups, comm=comm, lr=0.02, rank=4)
+        for step in range(3):
+            loss(params, 2 * step + comm.rank).backward()
+            opt.step()
+            opt.zero_grad()
+        return params, opt.step_paths()
+
+    (params0, paths0), (params1, paths1) = run_simulated(worker, 2)
+    for paths in (paths0, paths1):
+        assert [(r["path"], r["why"]) for r in paths] == [(f"kernels {isa}", "fused=None: the faster on worker 0")] * 2
+    assert paths1[0]["kernels_ms"] == 2.0 and paths1[0]["eager_ms"] == 1.0   # its own timings, said as such
+    assert all(torch.equal(params0[n], params1[n]) for n in SHAPES)
 
 
 def test_low_precision_state_and_float64_stay_eager(monkeypatch):

@@ -2,6 +2,8 @@
 non-default parameters, and a bad parameter stopping at the first cell after the parameters."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -9,6 +11,8 @@ import pandas as pd
 import papermill
 import pytest
 import yaml
+from papermill.iorw import load_notebook_node
+from papermill.parameterize import parameterize_notebook
 
 from lordo import analysis, reproduce
 from lordo.model import preset_params
@@ -120,6 +124,58 @@ def test_ladder_rungs_train_equal_tokens_per_parameter():
         analysis.ladder_config(P | {"ladder_overrides": {"mini": {"tokenizer": "gpt2"}}}, "mini", "lordo", 0)
 
 
+def through_the_check(path: Path, parameters: dict) -> Path:
+    """The notebook as papermill parameterizes it, cut after the cell that checks the parameters."""
+    nb = parameterize_notebook(load_notebook_node(str(path)), parameters, kernel_name="python3")
+    injected = next(i for i, c in enumerate(nb.cells) if "injected-parameters" in c.metadata.get("tags", []))
+    nb.cells = nb.cells[:injected + 2]
+    return nb
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_preset_file_passes_every_notebooks_check(path, preset, monkeypatch):
+    """`papermill -f params/<preset>.yaml` injects every notebook's names: the check passes another notebook's,
+    and a misspelt one is still one line. Run here in-process up to the check cell, as the kernel would."""
+    monkeypatch.chdir(path.parent)
+    for extra in ({}, {"stepz": 5}):
+        nb = through_the_check(path, PRESETS[preset] | extra)
+        namespace = {"In": []}
+        code = [c.source for c in nb.cells if c.cell_type == "code"]
+        for i, source in enumerate(code):
+            namespace["In"].append(source)
+            if extra and i == len(code) - 1:
+                with pytest.raises(ValueError, match="^unknown notebook parameter 'stepz' \\(given to papermill\\): "
+                                                     "allowed \\[[^\n]*'steps'[^\n]*\\]$"):
+                    exec(source, namespace)
+            else:
+                exec(source, namespace)
+        if not extra:
+            assert namespace["P"]["results_dir"] == PRESETS[preset]["results_dir"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_documented_papermill_command(path, tmp_path):
+    """The command each notebook's first cell documents, typed in notebooks/: `papermill -f params/cpu.yaml
+    <notebook> out.ipynb`, on the notebook cut after its parameter check (the full runs take minutes)."""
+    first = nbformat.read(path, as_version=4).cells[0].source
+    assert f"papermill -f params/cpu.yaml {path.name} out.ipynb" in " ".join(first.split())
+    cut = tmp_path / path.name
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = nb.cells[:3]
+    nbformat.write(nb, cut)
+    papermill_cli = lambda *args: subprocess.run([sys.executable, "-m", "papermill", "-f", "params/cpu.yaml", *args,
+                                                  str(cut), str(tmp_path / "out.ipynb"), "-k", "python3",
+                                                  "--no-progress-bar"], cwd=path.parent, capture_output=True,
+                                                 text=True, timeout=300)
+    out = papermill_cli()
+    assert out.returncode == 0, out.stderr[-2000:]
+    if path == NOTEBOOKS[0]:   # (each run starts a kernel: the misspelt name once)
+        misspelt = papermill_cli("-p", "stepz", "5")
+        assert misspelt.returncode != 0 and "ValueError: unknown notebook parameter 'stepz'" in misspelt.stderr
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("bad", [dict(methods=["nope"]), dict(rank=-1), dict(stepz=5)],
                          ids=["method", "rank", "misspelt"])
@@ -155,8 +211,9 @@ def test_papermill_with_other_parameters(tmp_path, monkeypatch):
     assert len(list((tmp_path / "runs").glob("*-nano-*"))) == 2
 
 
-def test_reproduce_selects_notebooks():
+def test_reproduce_selects_notebooks(capsys):
     assert [p.stem for p in reproduce.notebooks(["01", "03_rank_ablation"])] == ["01_projection_noise",
                                                                                 "03_rank_ablation"]
-    with pytest.raises(SystemExit, match="no notebook '07'"):
+    with pytest.raises(SystemExit) as done:
         reproduce.notebooks(["07"])
+    assert done.value.code == 2 and "lordo.reproduce: no notebook '07'" in capsys.readouterr().err

@@ -43,6 +43,7 @@ def test_the_config_fields_and_help_come_from_the_rows():
         shown = ",".join(map(str, o.default)) if isinstance(o.default, tuple) else str(o.default)
         if o.config_default is None and o.default is not None:
             assert f"lordo.optim.DEFAULTS: {shown}" in field_help(f), name
+    assert by_name["host_anchor"].type == "bool | None" and by_name["diagnostics"].type == "bool"   # CLI switches
     fields = list(by_name)
     in_config = [n for n, o in OPTIONS.items() if o.in_config]
     assert [n for n in fields if n in in_config] == in_config       # in the table's order

@@ -64,8 +64,17 @@ def test_optimizer_needs_only_torch():
 
 
 @pytest.mark.integration
-def test_make_lab_allows_root_only_as_root():
+def test_make_lab_allows_root_only_as_root_and_runs_headless():
     import os
-    done = subprocess.run(["make", "-n", "lab"], capture_output=True, text=True, cwd=REPO)
-    lab = [line for line in done.stdout.splitlines() if "jupyter lab" in line]
-    assert len(lab) == 1 and lab[0].endswith("--allow-root") == (os.geteuid() == 0)
+
+    def lab(*settings: str) -> str:
+        done = subprocess.run(["make", "-n", "lab", *settings], capture_output=True, text=True, cwd=REPO,
+                              env={k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")})
+        lines = [line for line in done.stdout.splitlines() if "jupyter lab" in line]
+        assert len(lines) == 1
+        return lines[0]
+
+    assert lab().endswith("--allow-root") == (os.geteuid() == 0)
+    assert "--port=8888 --no-browser" in lab()                      # no display: no browser to open
+    assert "--port=9999" in lab("PORT=9999", "NO_BROWSER=0") and "--no-browser" not in lab("NO_BROWSER=0")
+    assert "--no-browser" not in lab("DISPLAY=:0") and "--no-browser" in lab("DISPLAY=:0", "NO_BROWSER=1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pandas as pd
@@ -92,6 +93,28 @@ def claim(number: int | str, measured: str, verdict: str) -> dict[str, str]:
     ref = paper_reference()["claims"][str(number)]
     return {"claim": f"{number}. {ref['claim']}", "paper": f"paper: {ref['paper']}", "source": ref["source"],
             "this run": measured, "verdict": verdict}
+
+
+def headline(measured: str) -> str:
+    """The number a claims row rests on, for the short table: the 'this run' text without its asides in
+    parentheses, to its first ';', intervals as [lo, hi]. The whole text stays in the details."""
+    bare = re.sub(r"\s*\((?:[^()]|\([^()]*\))*\)", "", measured)    # (asides), one level of nesting inside
+    return bare.split("; ")[0].split(". ")[0].replace("95% CI ", "").strip()
+
+
+def short_claims(claims: pd.DataFrame) -> tuple[str, list[str]]:
+    """README form of the claims rows (columns notebook, claim, paper, source, this run, verdict): a table of
+    claim, the paper's figure, this run's headline and the verdict, numbered; then each row in full."""
+    reference = paper_reference()["claims"]
+    rows, details = [], []
+    for i, r in enumerate(claims.to_dict("records"), 1):
+        rows.append({"#": f"[{i}](#claim-{i})", "claim": r["claim"],
+                     "paper": reference[r["claim"].split(". ")[0]]["short"], "this run": headline(r["this run"]),
+                     "verdict": r["verdict"]})
+        details.append(f"{i}. <a id=\"claim-{i}\"></a>**{r['claim']}** ({r['notebook']}). Paper: "
+                       f"{r['paper'].removeprefix('paper: ')} [{r['source']}]. This run: {r['this run']}. "
+                       f"Verdict: {r['verdict']}.")
+    return pd.DataFrame(rows).to_markdown(index=False), details
 
 
 def verdict(gap: dict[str, Any], threshold: float, want: str = "above") -> str:

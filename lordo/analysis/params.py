@@ -31,6 +31,13 @@ def _list(ok):
 
 
 _TRAIN_CONFIG_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _is_variant(v: Any) -> bool:
+    """A method, or '<method>, <ablation>, ...' with ablations of ABLATIONS."""
+    return isinstance(v, str) and (m := v.split(", "))[0] in METHODS and all(a in ABLATIONS for a in m[1:])
+
+
 _RANK = OPTIONS["rank"].kind.allowed
 CHECKS: dict[str, tuple[Any, str]] = {
     "preset": (lambda v: v in PRESETS, f"one of {list(PRESETS)}"),
@@ -54,11 +61,17 @@ CHECKS: dict[str, tuple[Any, str]] = {
                "None or {TrainConfig field: value} (the claim-4 regime's changes to the shared point)"),
     "lrs": (_list(lambda v: is_number(v) and 0 < v < math.inf),
             "a non-empty list of learning rates, each a number > 0"),
-    "sweep_methods": (_list(lambda v: isinstance(v, str) and (m := v.split(", "))[0] in METHODS
-                            and all(a in ABLATIONS for a in m[1:])),
+    "sweep_methods": (_list(_is_variant),
                       f"a non-empty list of methods {list(METHODS)}, each alone or as '<method>, <ablation>, ...' "
                       f"with ablations of lordo.analysis.ABLATIONS: {list(ABLATIONS)}"),
     "sweep_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
+    "penalty_setup": (lambda v: v is None or isinstance(v, dict) and set(v) <= _TRAIN_CONFIG_FIELDS,
+                      "None or {TrainConfig field: value} (the small-batch setup of lordo.penalty)"),
+    "penalty_variants": (lambda v: v is None or isinstance(v, dict) and len(v) > 0 and all(
+        _is_variant(k) and _list(lambda x: is_number(x) and 0 < x < math.inf)(lrs) for k, lrs in v.items()),
+        "None (not run) or {variant: [lr, ...]}, each variant a method or '<method>, <ablation>, ...' with "
+        f"ablations of lordo.analysis.ABLATIONS: {list(ABLATIONS)}"),
+    "penalty_seeds": (_list(_int(0)), "a non-empty list of ints >= 0"),
     "one_worker_variants": (lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
                             "a list of LoRDO variants of sweep_methods"),
     "horizon_steps": (lambda v: v is None or _int(1)(v), "None (no longer runs) or an int >= 1"),
@@ -101,12 +114,13 @@ def check_params(**params: Any) -> dict[str, Any]:
     """Validate a notebook's parameters; return them as a dict. Raises a one-line ValueError naming the first
     bad one. TRAIN_FIELDS may be None (taken from config_dir's files or the package defaults). Called from a
     notebook that papermill ran, a name papermill injected that the notebook does not pass here (a misspelt
-    `-p` name) is an error too: the notebook would otherwise run silently on its default."""
+    `-p` name) is an error too: the notebook would otherwise run silently on its default. Names another
+    notebook owns (CHECKS) pass: one preset file (`papermill -f params/cpu.yaml`) serves every notebook."""
     return _checked(params, sys._getframe(1).f_globals)
 
 
 def _checked(params: dict[str, Any], namespace: dict[str, Any]) -> dict[str, Any]:
-    for name in sorted(_papermill_names(namespace) - set(params)):
+    for name in sorted(_papermill_names(namespace) - set(params) - set(CHECKS)):
         raise ValueError(f"unknown notebook parameter {name!r} (given to papermill): allowed {sorted(params)}")
     for name, value in params.items():
         if name not in CHECKS:

@@ -31,6 +31,18 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "moments reset": {"moments_on_refresh": "reset"},
     "no clipping": {"clip": None},
     "QH term at the update's RMS": {"qh_scale": "update_rms"},   # the full-rank term sized like the low-rank one
+    # the local-update penalty (lordo.penalty): optimizer states at synchronizations, the QH term's factor mu, the
+    # full-rank parameters' lr
+    "moments averaged": {"average_moments": "all"},
+    "AdamW moments averaged": {"average_moments": "adamw"},
+    "low-rank moments averaged": {"average_moments": "lowrank"},
+    "AdamW moments averaged every 4th sync": {"average_moments": "adamw", "average_moments_every": 4},
+    "error feedback averaged": {"ef_on_sync": "average"},
+    "error feedback reset": {"ef_on_sync": "reset"},
+    "error feedback re-projected": {"ef_on_sync": "reproject"},
+    "mu 4": {"mu": 4.0},
+    "mu 16": {"mu": 16.0},
+    "full-rank lr x0.3": {"fullrank_lr_scale": 0.3},
 }
 
 

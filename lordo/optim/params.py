@@ -39,7 +39,10 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]],
     * output heads: a 2-D weight with the vocabulary (the largest embedding's size) as its output
       dimension, a module named like a head (`lm_head`, `score`, `classifier`, ...), and (given the
       module) its last `nn.Linear` outside its repeated blocks (`nn.ModuleList`), e.g. a 2 x 64
-      classification head whatever its name.
+      classification head whatever its name. Weights inside the repeated blocks (given names only:
+      a numbered module in the name) are never heads by size (an MLP's 4 x width side may equal
+      the vocabulary); transformers' `Conv1D` (GPT-2) stores its weight in x out: its output
+      dimension is its second.
     """
     if model is not None:
         named = list(model.named_parameters(remove_duplicate=False))
@@ -58,7 +61,13 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]],
         linears = [m.weight for m in model.modules()
                    if isinstance(m, nn.Linear) and id(m.weight) not in in_blocks]
         last = linears[-1] if linears else None
+        in_x_out = {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D"}
     else:
+        # a numbered module in the name (h.3.mlp.c_proj) is a repeated block's, as nn.ModuleList
+        # names them
+        in_blocks = {id(p) for name, p in named
+                     if any(part.isdigit() for part in name.split("."))}
+        in_x_out = set()
         embeddings = {id(p): p.shape[0] for name, p in named if p.ndim == 2
                       and any(mark in module_of(name).rsplit(".", 1)[-1].lower()
                               for mark in EMBEDDING_MARKS)}
@@ -72,7 +81,8 @@ def full_rank_reasons(named: Iterable[tuple[str, torch.Tensor]],
             reasons[id(p)] = "embedding"
         elif len(names_of[id(p)]) > 1:
             reasons[id(p)] = f"tied: {' = '.join(names_of[id(p)])}"
-        elif p.shape[0] == vocab or leaf in HEAD_NAMES or p is last:
+        elif (id(p) not in in_blocks and p.shape[id(p) in in_x_out] == vocab
+              or leaf in HEAD_NAMES or p is last):
             reasons[id(p)] = "output head"
     return reasons
 
@@ -121,6 +131,16 @@ def param_names(groups: list[dict[str, Any]], model: nn.Module | None
             names.append(name or f"group{gi}.param{j}")
             if name:
                 named.append((name, p))
+    for name, p in zip(names, (p for g in groups for p in g["params"])):
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            raise ValueError(f"lordo: parameter {name!r} is a DTensor shard (FSDP2 fully_shard or "
+                             "tensor parallel), but lordo projects and averages whole matrices on "
+                             "every worker: pass the unsharded model, or wrapped in "
+                             "DistributedDataParallel (README: Distributed checkpoints and "
+                             "sharding)")
+        if p.is_complex():
+            raise ValueError(f"parameter {name!r} is {p.dtype}: allowed real parameters "
+                             "(torch.view_as_real makes a complex one real)")
     return names, named
 
 
@@ -143,7 +163,8 @@ def lowrank_flags(groups: list[dict[str, Any]], names: list[str],
                 low = id(p) not in reasons
                 if low and p.ndim == 2 and model is None and not g.get("param_names"):
                     unnamed.append(f"{names[len(flags)]} {tuple(p.shape)}")
-            flags.append(bool(low) and method_lowrank and p.ndim == 2)
+            # a matrix with no elements has nothing to compress: it stays full-rank
+            flags.append(bool(low) and method_lowrank and p.ndim == 2 and p.numel() > 0)
     if unnamed and method_lowrank:
         warnings.warn("lordo: parameters were passed without names, so only their shape decided; "
                       f"low-rank: {', '.join(unnamed)}. Pass model.named_parameters(), groups "

@@ -34,6 +34,7 @@ class Bucket:
     coherence: list[list[float]] | None = None  # diagnostics: per matrix, at the last sync
     workspace: torch.Tensor | None = None  # (n, r, q) of the step: no (n, p, q) temporaries
     variant: Any = None             # lordo.optim.lowrank.Variant, chosen when the state is built
+    calibration: dict[str, Any] | None = None   # fused=None: seconds per step of each path, cached?
 
 
 def zeros_like_weights(p: torch.Tensor, n: int, rows: int, cols: int, transposed: bool,
@@ -168,14 +169,17 @@ def state_dict(opt: Any) -> dict[str, Any]:
         offsets.append(offsets[-1] + len(g["params"]))
     for g, a, z in zip(groups, offsets, offsets[1:]):
         g["params"] = list(range(a, z))
-    return {"state": state, "param_groups": groups, "lordo": {
+    # lordo's own counters ride in the first param group: torch.distributed.checkpoint's
+    # get_optimizer_state_dict keeps only "state" and "param_groups"
+    groups[0]["lordo"] = {
         "method": opt.method.name,
         "hparams": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opt.hparams.items()},
         "steps": opt.steps, "skipped_steps": opt.skipped_steps, "adam_steps": opt.adam_steps,
         "refreshes": opt.refreshes, "projection_seconds": opt.projection_seconds,
         "comm_seconds": opt.collectives.seconds,
         "comm_log": {k: list(v) for k, v in opt.collectives.log.items()},
-        "names": list(opt.names)}}
+        "names": list(opt.names)}
+    return {"state": state, "param_groups": groups}
 
 
 def check_shapes(opt: Any, state: dict[int, dict[str, Any]]) -> None:
@@ -204,20 +208,31 @@ def check_shapes(opt: Any, state: dict[int, dict[str, Any]]) -> None:
 def load_state_dict(opt: Any, saved: dict[str, Any]) -> None:
     """Load a `state_dict()` into `opt` (LoRDO.load_state_dict without torch's hooks); every
     tensor's shape is checked before anything changes."""
-    meta = saved["lordo"]
+    # in the first param group; checkpoints written before that hold it at the top
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    meta = (saved["lordo"] if "lordo" in saved else groups[0].get("lordo")) \
+        if isinstance(saved, dict) and ("lordo" in saved or groups) else None
+    if meta is None:
+        keys = sorted(saved)[:4] if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"state_dict is not a lordo optimizer's (no 'lordo' entry; it holds "
+                         f"{keys}): load what LoRDO.state_dict() saved (another optimizer's state "
+                         "does not carry over)")
     if meta["method"] != opt.method.name:
         raise ValueError(f"checkpoint is for method {meta['method']!r}, this optimizer is "
                          f"{opt.method.name!r}")
     if len(meta["names"]) != len(opt.params):
         raise ValueError(f"checkpoint has {len(meta['names'])} parameters, this optimizer "
                          f"{len(opt.params)}")
-    state = {int(i): s for i, s in saved["state"].items()}
+    # by position in the groups, as torch.optim: the keys may be indices or names
+    # (get_optimizer_state_dict)
+    keys = [k for g in saved["param_groups"] for k in g["params"]]
+    state = {i: saved["state"].get(k, saved["state"].get(str(k), {})) for i, k in enumerate(keys)}
     check_shapes(opt, state)
     opt.init_state()
     opt.aligned = meta["steps"] > 0
     for g, saved_group in zip(opt.param_groups, saved["param_groups"]):
         g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved_group.items()
-                  if k != "params"})
+                  if k not in ("params", "lordo")})
     for i in opt.adamw_indices:
         for k, t in opt.state[opt.params[i]].items():
             t.copy_(state[i][k])

@@ -36,12 +36,11 @@ class Collectives:
     def run(self, tensors: list[torch.Tensor], kind: str, dtype: torch.dtype,
             broadcast: bool) -> None:
         """All-reduce mean (or broadcast from rank 0) of `tensors` in place, sent in `dtype`."""
-        numel = sum(t.numel() for t in tensors)
+        if self.world_size == 1:   # nothing is sent, so nothing is counted
+            return
         log = self.log.setdefault(kind, [0, 0])
         log[0] += 1
-        log[1] += numel * dtype.itemsize
-        if self.world_size == 1:
-            return
+        log[1] += sum(t.numel() for t in tensors) * dtype.itemsize
         device = tensors[0].device
         if device.type == "cuda":   # collectives are asynchronous there: time from idle to idle
             torch.cuda.synchronize(device)
