@@ -103,7 +103,7 @@ def train_small_gpt(steps: int = 7, **options) -> tuple[GPT, object]:
 def test_host_anchor_keeps_the_anchor_in_pinned_host_memory_and_changes_nothing():
     plain, _ = train_small_gpt()
     held, opt = train_small_gpt(host_anchor=True)
-    assert all(a.device.type == "cpu" and a.is_pinned() for a in opt._anchor)
+    assert all(a.device.type == "cpu" and a.is_pinned() for a in opt.anchor)
     stats = opt.memory_stats()
     assert stats["host"] == stats["anchor"] > 0
     for (name, a), b in zip(plain.state_dict().items(), held.state_dict().values()):

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lordo.kernels
-import lordo.optim
+import lordo.optim.optimizer
 from lordo.comm import cpu_threads, run_simulated
 from lordo.optim import make_optimizer
 
@@ -54,7 +54,7 @@ class Spy:
 def train(method: str, hp: dict, fused: bool | None, monkeypatch) -> tuple[dict, dict, int]:
     """Parameters, optimizer state and kernel calls after STEPS steps."""
     spy = Spy(lordo.kernels.lowrank_cpu())
-    monkeypatch.setattr(lordo.optim, "lowrank_cpu", lambda: spy)
+    monkeypatch.setattr(lordo.optim.optimizer, "lowrank_cpu", lambda: spy)
     params = init_params()
     groups = [{"params": [params["w_in"], params["w_out"], params["bias"]], "lowrank": True,
                "param_names": ["w_in", "w_out", "bias"]},
@@ -135,7 +135,7 @@ def test_fused_none_takes_the_path_measured_faster_for_each_shape_and_caches_the
         measured.append((method, stored, n, hp["rank"]))
         return {"kernels": 0.001, "eager": 0.002} if stored == (48, 24) else {"kernels": 0.004, "eager": 0.003}
 
-    monkeypatch.setattr(lordo.optim, "_time_step_paths", stand_in)
+    monkeypatch.setattr(lordo.optim.optimizer, "time_step_paths", stand_in)
     isa = lordo.kernels.lowrank_cpu().set_isa()
     chosen, paths = step_twice(None)
     assert sorted(measured) == [("lordo", (24, 72), 1, 4), ("lordo", (48, 24), 1, 4)]
@@ -171,7 +171,7 @@ def test_every_worker_takes_worker_0s_paths(monkeypatch):
         kernels_first = threading.current_thread().name == "lordo-worker-0"
         return {"kernels": 0.001, "eager": 0.002} if kernels_first else {"kernels": 0.002, "eager": 0.001}, False
 
-    monkeypatch.setattr(lordo.optim, "calibrated", timings)
+    monkeypatch.setattr(lordo.optim.optimizer, "calibrated", timings)
     isa = lordo.kernels.lowrank_cpu().set_isa()
 
     def worker(comm):
@@ -199,7 +199,7 @@ def test_low_precision_state_and_float64_stay_eager(monkeypatch):
     opt = make_optimizer("lordo", [{"params": list(params.values()), "param_names": list(params)}], lr=0.02, rank=4)
     loss({n: p.float() for n, p in params.items()}, 0).backward()
     opt.step()
-    assert opt._kernels is None
+    assert opt.kernels is None
 
 
 def test_fused_true_refuses_what_the_kernels_do_not_cover():
@@ -227,7 +227,7 @@ def test_a_failed_build_falls_back_to_the_eager_step(monkeypatch):
     loss(params, 0).backward()
     with pytest.warns(UserWarning, match="CPU kernels could not be built .*Ninja is required.*eager PyTorch path"):
         opt.step()
-    assert opt._kernels is None and lordo.kernels.build_error().endswith("Ninja is required to load C++ extensions")
+    assert opt.kernels is None and lordo.kernels.build_error().endswith("Ninja is required to load C++ extensions")
     strict = make_optimizer("lordo", [{"params": list(params.values()), "param_names": list(params)}], fused=True)
     with pytest.raises(RuntimeError, match="fused=True, but the CPU kernels could not be built: RuntimeError: Ninja"):
         strict.step()

@@ -234,7 +234,7 @@ def test_averaged_states_are_counted_in_bytes_and_make_workers_states_equal():
     feedback, and each averaged state's bytes are counted by kind (float32: 4 bytes an entry, per sync)."""
     def states(opt, _):
         low = [t.clone() for b in opt.buckets for t in (b.exp_avg, b.exp_avg_sq, b.ef)]
-        full = [opt.state[opt.params[i]][k].clone() for i in opt.full for k in ("exp_avg", "exp_avg_sq")]
+        full = [opt.state[opt.params[i]][k].clone() for i in opt.adamw_indices for k in ("exp_avg", "exp_avg_sq")]
         return opt.synced, low + full, opt.comm_stats()["by_kind"]
 
     logs = train("lordo", 2, 6, average_moments="all", ef_on_sync="average", on_step=states)

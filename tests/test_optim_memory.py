@@ -77,7 +77,7 @@ def test_bfloat16_state_is_stored_in_bfloat16_and_counted(gpt):
     gpt.train_steps(model, opt, 0, 4)
     b = opt.buckets[0]
     assert b.exp_avg.dtype == b.exp_avg_sq.dtype == b.ef.dtype == BF16 and b.Q.dtype == torch.float32
-    adamw = [opt.state[opt.params[i]] for i in opt.full]
+    adamw = [opt.state[opt.params[i]] for i in opt.adamw_indices]
     assert all(s["exp_avg"].dtype == s["exp_avg_sq"].dtype == BF16 for s in adamw)
     stats = opt.memory_stats()
     for kind in ("moments", "error_feedback"):

@@ -9,7 +9,7 @@ a 2-D parameter kept out of the low-rank path (`lowrank: False`, like an embeddi
 import pytest
 import torch
 
-import lordo.optim
+import lordo.optim.lowrank
 from lordo.comm import cpu_threads
 from lordo.reference import reference_train
 
@@ -64,9 +64,9 @@ def test_fast_matches_reference(toy, method, workers, case):
 def test_row_blocks_match_reference(toy, method, case, fast_only, monkeypatch):
     """On a CPU with one thread the step's full-size passes go by blocks of rows (`CPU_BLOCK` entries); blocks
     of one or two rows here (the matrices above are whole blocks at the default) do the same math."""
-    monkeypatch.setattr(lordo.optim, "CPU_BLOCK", 8)
+    monkeypatch.setattr(lordo.optim.lowrank, "CPU_BLOCK", 8)
     with cpu_threads(1):
-        assert lordo.optim._block_rows(torch.zeros(4, 7)) == 1
+        assert lordo.optim.lowrank.block_rows(torch.zeros(4, 7)) == 1
         check_against_reference(toy, method, 2, case, fast_only)
 
 

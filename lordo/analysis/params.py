@@ -9,14 +9,10 @@ import sys
 from typing import Any
 
 from lordo.analysis.training import ABLATIONS, TRAIN_FIELDS, ladder_config, min_side, run_config, variant_options
-from lordo.config import (
-    LAUNCHERS,
-    TrainConfig,
-    is_int,
-    is_number,
-)
+from lordo.config import LAUNCHERS, TrainConfig
+from lordo.kinds import is_int, is_number
 from lordo.model import PRESETS
-from lordo.optim import METHODS, MOMENT_RULES, is_rank
+from lordo.optim import METHODS, MOMENT_RULES, OPTIONS, is_rank
 from lordo.paths import repo_path
 
 NOISE_MODELS = ("shared point", "regime")   # notebook 01: the DDP runs whose models the projections are measured on
@@ -42,7 +38,7 @@ def _is_variant(v: Any) -> bool:
     return isinstance(v, str) and (m := v.split(", "))[0] in METHODS and all(a in ABLATIONS for a in m[1:])
 
 
-_RANK = "an int >= 1 or a float fraction of min(p, q) in (0, 1]"
+_RANK = OPTIONS["rank"].kind.allowed
 CHECKS: dict[str, tuple[Any, str]] = {
     "preset": (lambda v: v in PRESETS, f"one of {list(PRESETS)}"),
     "presets": (_list(lambda v: v in PRESETS), f"a non-empty list of {list(PRESETS)}"),
@@ -98,9 +94,10 @@ CHECKS: dict[str, tuple[Any, str]] = {
                         "a non-empty list of bandwidths in Gb/s, each > 0"),
     "latency_us": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "figures_dir": (lambda v: isinstance(v, str) and v != "", "a directory path"),
-} | {name: (_int(1), "an int >= 1") for name in (
-    "workers", "steps", "batch_size", "sync_every", "proj_every", "eval_every", "eval_batches", "repeats",
-    "local_steps", "reference_workers", "ref_batch_size", "low_memory_batch_size")}
+} | {name: (OPTIONS[name].kind.ok, OPTIONS[name].kind.allowed) for name in ("sync_every", "proj_every")} | {
+    name: (_int(1), "an int >= 1") for name in (
+        "workers", "steps", "batch_size", "eval_every", "eval_batches", "repeats", "local_steps",
+        "reference_workers", "ref_batch_size", "low_memory_batch_size")}
 
 
 def notebook_params(namespace: dict[str, Any], *own: str) -> dict[str, Any]:
