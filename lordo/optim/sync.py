@@ -196,7 +196,8 @@ def record_coherence(opt: Any, own: torch.Tensor, averaged: torch.Tensor) -> Non
     their own norms (1: all workers moved alike; 1/sqrt(M): orthogonal moves), per matrix (whole,
     inside and outside span(Q)) and for the full-rank parameters together. Its small all-reduce
     is a diagnostic, counted in `diagnostics_bytes`, not in `comm_stats()`."""
-    if opt.world_size > 1:
+    if opt.world_size > 1:   # in float64: sums of a few float32 values are exact, so every launcher agrees
+        own = own.double()
         opt.comm.all_reduce_(own)
         own.div_(opt.world_size)
         opt.diagnostics_bytes += own.numel() * own.element_size()
