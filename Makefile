@@ -36,10 +36,11 @@ test: lint
 reproduce: env
 	$(BIN)/python -m lordo.reproduce --preset $(PRESET)
 
-# Recompute notebook 06's cached lr sweep at the claim-4 regime (sweeps/<preset>/; about four hours on the cpu preset;
-# runs already in runs/ are reused). `make reproduce` reads the committed tables instead.
+# Recompute notebook 06's cached tables: the lr sweep at the claim-4 regime and the local-update penalty study
+# (sweeps/<preset>/; about five hours on the cpu preset; runs already in runs/ are reused). `make reproduce` reads the committed tables instead.
 sweep: env
 	$(BIN)/python -m lordo.sweep --preset $(PRESET) --recompute
+	$(BIN)/python -m lordo.penalty --preset $(PRESET) --recompute
 
 paper: PRESET = paper
 paper: reproduce

@@ -16,15 +16,12 @@ The tables are cached in `sweep_dir` (committed for the cpu preset) under the co
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any
 
 import pandas as pd
 
 from lordo.analysis import (
     cached_tables,
-    check_params,
     coherence_records,
     fmt_gap,
     paired_gap,
@@ -35,7 +32,7 @@ from lordo.analysis import (
 from lordo.config import TrainConfig
 from lordo.optim import METHODS
 from lordo.paths import repo_path
-from lordo.sweep import run_table
+from lordo.sweep import preset_command, run_table
 
 PARAMS = ("launcher", "penalty_setup", "penalty_variants", "penalty_seeds", "sweep_dir")
 
@@ -115,19 +112,8 @@ def late_coherence(coherence: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from lordo.reproduce import load_preset
-
-    parser = argparse.ArgumentParser(prog="python -m lordo.penalty", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", help="notebooks/params/<preset>.yaml or a .yaml path (default cpu)")
-    parser.add_argument("--recompute", action="store_true", help="recompute even when the cached tables match")
-    args = parser.parse_args(argv)
-    values = load_preset(args.preset)
-    try:
-        P = check_params(**{k: values.get(k) for k in PARAMS})
-    except ValueError as e:
-        print(f"lordo.penalty: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    tables = penalty_tables(P, recompute=args.recompute)
+    P, recompute = preset_command("lordo.penalty", __doc__, PARAMS, argv)
+    tables = penalty_tables(P, recompute=recompute)
     cols = ["variant", "lr", "seed", "val_ppl", "heldout_ppl", "comm_bytes"]
     print(tables["runs"][cols].to_string(index=False))
     print(gaps(best_runs(tables["runs"]))[["variant", "reference", "lr", "heldout_ppl", "gap"]].to_string(index=False))

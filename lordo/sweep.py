@@ -210,21 +210,29 @@ PARAMS = ("preset", "workers", "steps", "batch_size", "seq_len", "lr", "sync_eve
           "sweep_methods", "sweep_dir", "one_worker_variants", "horizon_steps", "horizon_variants")
 
 
-def main(argv: list[str] | None = None) -> None:
+def preset_command(prog: str, doc: str, names: tuple[str, ...], argv: list[str] | None,
+                   **renamed: str) -> tuple[dict[str, Any], bool]:
+    """The command line of a cached-table module (`python -m <prog> --preset P [--recompute]`): the preset's
+    parameters `names` (a name in `renamed` read from the preset's other name), checked, one line and exit 2 when
+    bad; and whether to recompute."""
     from lordo.reproduce import load_preset
 
-    parser = argparse.ArgumentParser(prog="python -m lordo.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc.split("\n\n")[0])
     parser.add_argument("--preset", default="cpu", help="notebooks/params/<preset>.yaml or a .yaml path (default cpu)")
     parser.add_argument("--recompute", action="store_true", help="recompute even when the cached tables match")
     args = parser.parse_args(argv)
-    values = load_preset(args.preset, "lordo.sweep")
-    values["steps"] = values.get("gap_steps")   # as in notebook 06: the shared point trains gap_steps
+    values = load_preset(args.preset, prog)
+    values |= {name: values.get(source) for name, source in renamed.items()}
     try:
-        P = check_params(**{k: values.get(k) for k in PARAMS})
+        return check_params(**{k: values.get(k) for k in names}), args.recompute
     except ValueError as e:
-        print(f"lordo.sweep: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    tables = lr_sweep(P, recompute=args.recompute)
+
+
+def main(argv: list[str] | None = None) -> None:
+    P, recompute = preset_command("lordo.sweep", __doc__, PARAMS, argv, steps="gap_steps")
+    tables = lr_sweep(P, recompute=recompute)
     print(lr_profile(tables["runs"]).to_string(index=False))
     print(f"tables in {repo_path(P['sweep_dir'])}")
 
