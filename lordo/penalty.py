@@ -88,18 +88,29 @@ def reference_of(variant: str) -> str:
     return "lowrank_ddp" if METHODS[variant_options(variant)[0]].lowrank else "ddp"
 
 
+def best_reference(best: pd.DataFrame, reference: str) -> str:
+    """The reference method's variant in the table with the lowest mean validation loss (the yardstick at its best
+    setting, not only at its best lr)."""
+    runs = best[best["variant"].map(lambda v: variant_options(v)[0]) == reference]
+    return str(runs.groupby("variant")["val_loss"].mean().idxmin())
+
+
 def gaps(best: pd.DataFrame) -> pd.DataFrame:
-    """Each local variant's held-out gap to its reference (each at its lr, paired by seed), with its bytes per
-    worker and its mean update coherence over the second half of training by part."""
+    """Each local variant's held-out gap (each at its lr, paired by seed) to its reference method as specified
+    (`gap`) and to the reference's best variant in the table (`gap_to_best`, against `best_reference`), with its
+    bytes per worker."""
     rows = []
     for variant, runs in best.groupby("variant", sort=False):
         if not METHODS[variant_options(variant)[0]].local:
             continue
         ref = reference_of(variant)
         g = paired_gap(best, {"variant": variant}, {"variant": ref}, value="heldout_ppl")
+        strongest = best_reference(best, ref) if "val_loss" in best else ref
+        to_best = paired_gap(best, {"variant": variant}, {"variant": strongest}, value="heldout_ppl")
         rows.append({"variant": variant, "reference": ref, "lr": runs["lr"].iloc[0],
                      "heldout_ppl": runs["heldout_ppl"].mean(), "gap_pct": g["mean"], "gap_lo": g["lo"],
-                     "gap_hi": g["hi"], "seeds": g["n"], "gap": fmt_gap(g), "comm_bytes": runs["comm_bytes"].mean()})
+                     "gap_hi": g["hi"], "seeds": g["n"], "gap": fmt_gap(g), "best_reference": strongest,
+                     "gap_to_best": fmt_gap(to_best), "comm_bytes": runs["comm_bytes"].mean()})
     return pd.DataFrame(rows)
 
 
@@ -116,7 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     tables = penalty_tables(P, recompute=recompute)
     cols = ["variant", "lr", "seed", "val_ppl", "heldout_ppl", "comm_bytes"]
     print(tables["runs"][cols].to_string(index=False))
-    print(gaps(best_runs(tables["runs"]))[["variant", "reference", "lr", "heldout_ppl", "gap"]].to_string(index=False))
+    cols = ["variant", "reference", "lr", "heldout_ppl", "gap", "best_reference", "gap_to_best"]
+    print(gaps(best_runs(tables["runs"]))[cols].to_string(index=False))
     print(f"tables in {repo_path(P['sweep_dir'])}")
 
 

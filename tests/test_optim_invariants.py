@@ -250,3 +250,18 @@ def test_averaged_states_are_counted_in_bytes_and_make_workers_states_equal():
     assert kinds["error_feedback"]["payload_bytes"] == syncs * 4 * (8 * 12 + 10 * 6)
     before_sync = [s for (synced, s, _) in logs[0] if not synced]
     assert not all(torch.equal(a, b) for a, b in zip(before_sync[-1], [s for (sy, s, _) in logs[1] if not sy][-1]))
+
+
+@pytest.mark.parametrize("options,named", [
+    (dict(average_moments="all", state_dtype="bfloat16"), "state_dtype='bfloat16'"),
+    (dict(ef_on_sync="reproject", state_dtype="bfloat16"), "state_dtype='bfloat16'"),
+    (dict(average_moments="adamw", comm_dtype="float16"), "comm_dtype='float16'"),
+    (dict(fullrank_lr_scale=3.0, method="local_adam"), "fullrank_lr_scale=3.0"),
+    (dict(average_moments="lowrank", method="lordo_local"), "average_moments='lowrank'")])
+def test_state_options_a_method_cannot_honour_are_refused_in_one_line(options, named):
+    options = dict(options)
+    method = options.pop("method", "lordo")
+    params = [torch.nn.Parameter(torch.zeros(8, 12))]
+    with pytest.raises(ValueError, match=f"^{named} is invalid: allowed") as e:
+        make_optimizer(method, params, **options)
+    assert "\n" not in str(e.value)

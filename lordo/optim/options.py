@@ -180,6 +180,13 @@ def check_for_method(hp: dict[str, Any], method: Method) -> None:
     check(method.lowrank or hp["fullrank_lr_scale"] == 1, "fullrank_lr_scale",
           hp["fullrank_lr_scale"],
           f"1 for {method.name} (every parameter is full-rank there: set lr)")
+    averaged = hp["average_moments"] != "none" or hp["ef_on_sync"] in ("average", "reproject")
+    check(not averaged or hp["state_dtype"] == "float32", "state_dtype", hp["state_dtype"],
+          "'float32' with average_moments or ef_on_sync average / reproject (their bfloat16 "
+          "storage would round to nearest, not stochastically)")
+    check(hp["average_moments"] == "none" or hp["comm_dtype"] != "float16", "comm_dtype",
+          hp["comm_dtype"], "'float32', 'bfloat16' or 'float64' with average_moments (second "
+          "moments underflow in float16)")
     if method.projection == "local":   # each worker's low-rank state is in its own Q's basis
         check(hp["average_moments"] in ("none", "adamw"), "average_moments", hp["average_moments"],
               "'none' or 'adamw' with lordo_local (its workers' low-rank moments are in different "
