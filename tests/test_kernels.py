@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lordo.kernels
-import lordo.optim.optimizer
+import lordo.optim.kernel_paths
 from lordo.comm import cpu_threads, run_simulated
 from lordo.optim import make_optimizer
 
@@ -54,7 +54,7 @@ class Spy:
 def train(method: str, hp: dict, fused: bool | None, monkeypatch) -> tuple[dict, dict, int]:
     """Parameters, optimizer state and kernel calls after STEPS steps."""
     spy = Spy(lordo.kernels.lowrank_cpu())
-    monkeypatch.setattr(lordo.optim.optimizer, "lowrank_cpu", lambda: spy)
+    monkeypatch.setattr(lordo.optim.kernel_paths, "lowrank_cpu", lambda: spy)
     params = init_params()
     groups = [{"params": [params["w_in"], params["w_out"], params["bias"]], "lowrank": True,
                "param_names": ["w_in", "w_out", "bias"]},
@@ -131,11 +131,11 @@ def test_fused_none_takes_the_path_measured_faster_for_each_shape_and_caches_the
     monkeypatch.setattr(lordo.kernels, "calibration_file", lambda: tmp_path / "calibration.json")
     measured = []
 
-    def stand_in(method, hp, stored, n):
+    def stand_in(optimizer, method, hp, stored, n):
         measured.append((method, stored, n, hp["rank"]))
         return {"kernels": 0.001, "eager": 0.002} if stored == (48, 24) else {"kernels": 0.004, "eager": 0.003}
 
-    monkeypatch.setattr(lordo.optim.optimizer, "time_step_paths", stand_in)
+    monkeypatch.setattr(lordo.optim.kernel_paths, "time_step_paths", stand_in)
     isa = lordo.kernels.lowrank_cpu().set_isa()
     chosen, paths = step_twice(None)
     assert sorted(measured) == [("lordo", (24, 72), 1, 4), ("lordo", (48, 24), 1, 4)]
@@ -171,7 +171,7 @@ def test_every_worker_takes_worker_0s_paths(monkeypatch):
         kernels_first = threading.current_thread().name == "lordo-worker-0"
         return {"kernels": 0.001, "eager": 0.002} if kernels_first else {"kernels": 0.002, "eager": 0.001}, False
 
-    monkeypatch.setattr(lordo.optim.optimizer, "calibrated", timings)
+    monkeypatch.setattr(lordo.optim.kernel_paths, "calibrated", timings)
     isa = lordo.kernels.lowrank_cpu().set_isa()
 
     def worker(comm):

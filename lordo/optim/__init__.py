@@ -19,16 +19,17 @@ error feedback in a projection Q, plus for `lordo` a full-rank quasi-hyperbolic 
 other parameter takes AdamW with the same betas.
 
 The package, by concern:
-    methods.py    the methods (`Method`, `METHODS`)
-    options.py    the options, one row each (`OPTIONS`, `DEFAULTS`, `validate_hparams`)
-    params.py     which parameters are low-rank (`full_rank_reasons`), their buckets
-    state.py      the state's layout, stochastic rounding, `state_dict`, memory accounting
-    lowrank.py    one bucket's low-rank step: one function per variant (eager, compiled, bf16)
-    adamw.py      the AdamW step of the other parameters
-    clip.py       the gradients' clip and non-finite rule (norms beside Q^T G)
-    refresh.py    the projection Q's refresh and its subspace diagnostics
-    sync.py       collectives and the local methods' outer synchronization
-    optimizer.py  `LoRDO` (the torch.optim surface, bookkeeping) and `make_optimizer`
+    methods.py       the methods (`Method`, `METHODS`)
+    options.py       the options, one row each (`OPTIONS`, `DEFAULTS`, `validate_hparams`)
+    params.py        which parameters are low-rank (`full_rank_reasons`), their buckets
+    state.py         the state's layout, stochastic rounding, `state_dict`, memory accounting
+    lowrank.py       one bucket's low-rank step: one function per variant (eager, compiled, bf16)
+    kernel_paths.py  whether a bucket steps in the compiled kernels or eager: the faster here
+    adamw.py         the AdamW step of the other parameters
+    clip.py          the gradients' clip and non-finite rule (norms beside Q^T G)
+    refresh.py       the projection Q's refresh and its subspace diagnostics
+    sync.py          collectives and the local methods' outer synchronization
+    optimizer.py     `LoRDO` (the torch.optim surface, bookkeeping) and `make_optimizer`
 
 How the low-rank step stays cheap. Same-shape matrices of a param group share stacked state (no
 per-parameter host syncs). Error feedback is kept lazily: while Q is fixed, Q^T E = 0 after every

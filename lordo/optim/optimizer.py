@@ -4,8 +4,6 @@ this one), `sync`, checkpoints and accounting."""
 from __future__ import annotations
 
 import functools
-import math
-import time
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -15,8 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lordo.comm import disable_ddp_allreduce
-from lordo.kernels import build_error, calibrated, lowrank_cpu
 from lordo.kinds import check
+from lordo.optim import kernel_paths
 from lordo.optim import state as state_io
 from lordo.optim.adamw import adamw_step
 from lordo.optim.clip import clipped_norms, finite_and_clipped
@@ -159,8 +157,8 @@ class LoRDO(torch.optim.Optimizer):
             b.exp_avg_sq = zeros_like_weights(p0, n, b.rank, cols, t, dt)
             b.workspace = zeros_like_weights(p0, n, b.rank, cols, t, p0.dtype)
             b.ef = zeros_like_weights(p0, n, rows, cols, t, dt) if hp["error_feedback"] else None
-        self.kernels = self._build_kernels(stored)
-        use_kernels = self._choose_paths(stored)
+        self.kernels = kernel_paths.build_kernels(self, stored)
+        use_kernels = kernel_paths.choose_paths(self, stored)
         for b, kernels in zip(self.buckets, use_kernels):
             b.variant = choose_variant(b, self.params[b.indices[0]], stored is not None,
                                        self.kernels if kernels else None)
@@ -172,94 +170,13 @@ class LoRDO(torch.optim.Optimizer):
         self.adam_step_tensor = torch.zeros((), dtype=torch.float32, device=self.params[0].device)
         self.initialized = True
 
-    def _build_kernels(self, stored: torch.dtype | None) -> Any:
-        """The compiled CPU kernels if some bucket can use them (float32 on CPU, float32 state)
-        and `fused` allows; None otherwise."""
-        fits = [b for b in self.buckets if self.params[b.indices[0]].device.type == "cpu"
-                and stored is None and self.params[b.indices[0]].dtype == torch.float32]
-        if self.fused is not False and fits:
-            kernels = lowrank_cpu()
-            if kernels is None and self.fused:
-                raise RuntimeError("lordo: fused=True, but the CPU kernels could not be built: "
-                                   f"{build_error()}")
-            return kernels
-        if self.fused and self.buckets:
-            raise ValueError("lordo: fused=True needs float32 low-rank matrices on CPU with "
-                             "state_dtype='float32' (on a GPU or in other dtypes the step runs "
-                             "its eager path: use fused=None)")
-        return None
-
-    def _choose_paths(self, stored: torch.dtype | None) -> list[bool]:
-        """Per bucket, whether its step runs the kernels: where they apply (float32 matrices and
-        state on CPU) and, with fused=None, measure faster on this CPU and shape (distributed:
-        worker 0's choice for every worker, so replicas that step alike stay bit-identical)."""
-        fits = [self.kernels is not None and stored is None
-                and self.params[b.indices[0]].device.type == "cpu"
-                and self.params[b.indices[0]].dtype == torch.float32 for b in self.buckets]
-        if self.fused is not None or self.kernels is None:
-            return fits
-        for b, fit in zip(self.buckets, fits):
-            if fit:
-                b.calibration = self._calibrate(b)
-        use = [b.calibration is not None and b.calibration["kernels"] <= b.calibration["eager"]
-               for b in self.buckets]
-        if self.world_size > 1:
-            chosen = torch.tensor([float(u) for u in use], device=self.params[0].device)
-            self.comm.broadcast_(chosen, src=0)   # once, a few bytes: not in comm_stats
-            use = [b.calibration is not None and k > 0
-                   for b, k in zip(self.buckets, chosen.tolist())]
-        if not any(use):
-            self.kernels = None
-        return use
-
-    def _calibrate(self, b: Bucket) -> dict[str, Any]:
-        """Seconds per step of bucket b's shape with the kernels and eager on this CPU: measured on
-        up to 4 synthetic matrices of its shape at the first use (at the thread count then), then
-        cached per CPU model, instruction set and shape, not per thread count: a run takes the same
-        path, and so gets the same bits, with any number of threads."""
-        stored = b.shape[::-1] if b.transposed[0] else b.shape
-        n = min(len(b.indices), 4)
-        hp = {**self.hparams, **{k: b.group[k] for k in GROUP_KEYS}, "rank": b.rank,
-              "sync_every": 10**9, "diagnostics": False}
-        case = (f"{self.method.name}: {n} x {stored[0]}x{stored[1]} rank {b.rank}, "
-                + ", ".join(f"{k}={hp[k]}"
-                            for k in ("error_feedback", "omega", "qh_scale", "clip")))
-        seconds, cached = calibrated(case, lambda: time_step_paths(self.method.name, hp, stored, n))
-        return {**seconds, "cached": cached}
-
     def step_paths(self) -> list[dict[str, Any]]:
         """Per bucket of same-shape low-rank matrices: the path its step runs ("kernels
         <instruction set>" or "eager"; None before the first step, which decides it) and why. With
         fused=None on a CPU in float32 the faster of the two on this machine and shape
-        (distributed: on worker 0's, for every worker), by `_calibrate`'s seconds per step
-        (`kernels_ms`, `eager_ms`: this worker's; `cached`)."""
-        out = []
-        for b in self.buckets:
-            row: dict[str, Any] = {
-                "matrices": len(b.indices), "rank": b.rank, "path": None,
-                "stored_shape": b.shape[::-1] if b.transposed[0] else b.shape,
-                "why": "decided at the first step"}
-            if self.initialized:
-                kernels = b.variant.name == "compiled"
-                row["path"] = f"kernels {self.kernels.set_isa()}" if kernels else "eager"
-                eligible = (self.hparams["state_dtype"] == "float32"
-                            and self.params[b.indices[0]].device.type == "cpu"
-                            and self.params[b.indices[0]].dtype == torch.float32)
-                if b.calibration is not None:
-                    c = b.calibration
-                    where = "on worker 0" if self.world_size > 1 else "here"
-                    row |= {"why": f"fused=None: the faster {where}"
-                            + (" (cached)" if c["cached"] else ""),
-                            "kernels_ms": 1e3 * c["kernels"], "eager_ms": 1e3 * c["eager"],
-                            "cached": c["cached"]}
-                elif self.fused is not None:
-                    row["why"] = f"fused={self.fused}"
-                elif not eligible:
-                    row["why"] = "the kernels take float32 matrices and state on CPU"
-                else:
-                    row["why"] = f"the kernels could not be built: {build_error()}"
-            out.append(row)
-        return out
+        (distributed: on worker 0's, for every worker), by `kernel_paths.calibrate`'s seconds per
+        step (`kernels_ms`, `eager_ms`: this worker's; `cached`)."""
+        return kernel_paths.step_paths(self)
 
     def align(self) -> None:
         """Like DDP, every worker starts from rank 0's parameters (one broadcast, counted):
@@ -512,33 +429,6 @@ class LoRDO(torch.optim.Optimizer):
         state_io.load_state_dict(self, state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-def time_step_paths(method: str, hparams: dict[str, Any], stored: tuple[int, int], n: int,
-                    repeats: int = 3) -> dict[str, float]:
-    """Seconds per local step of n random matrices stored with this shape (the bucket's path
-    alone: no other parameters), with the compiled kernels and eager: the best of `repeats` each,
-    taking turns, after two untimed steps (the first computes the projection)."""
-    gen = torch.Generator().manual_seed(0)
-    opts = {}
-    for path, fused in (("kernels", True), ("eager", False)):
-        params = [(torch.randn(stored, generator=gen) * 0.02).requires_grad_() for _ in range(n)]
-        for p in params:    # global norm 0.5: under a clip of 1 the gradients stay as they are
-            p.grad = torch.randn(stored, generator=gen) * (0.5 / math.sqrt(n * p.numel()))
-        # under torchrun, the warning that it has no communicator (it needs none) is dropped
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opts[path] = LoRDO([{"params": params, "lowrank": True}], method, fused=fused,
-                               **hparams)
-        for _ in range(2):
-            opts[path].step()
-    best = dict.fromkeys(opts, math.inf)
-    for _ in range(repeats):
-        for path, opt in opts.items():
-            t0 = time.perf_counter()
-            opt.step()
-            best[path] = min(best[path], time.perf_counter() - t0)
-    return best
 
 
 def make_optimizer(method: str, model_or_param_groups: nn.Module | Iterable[Any],
