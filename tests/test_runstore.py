@@ -70,7 +70,9 @@ def test_a_run_directory_refuses_any_other_config_set_or_not(state, tmp_path, ca
     out = tmp_path / "run"
     lordo.train(NANO, steps=4, out=str(out), **({"stop_at": 2} if state == "stopped" else {}))
     before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lordo-run.lock"}
-    changes = {"nonfinite": "skip", "proj_iters": "3", "bucket_mb": "1", "qh_scale": "update_rms", "seed": "1"}
+    changes = {"nonfinite": "skip", "proj_iters": "3", "bucket_mb": "1", "qh_scale": "update_rms", "mu": "4",
+               "average_moments": "all", "average_moments_every": "2", "ef_on_sync": "reset",
+               "fullrank_lr_scale": "3", "seed": "1"}
     assert set(LATER_OPTIMIZER_FIELDS) < set(changes)
     for field, value in changes.items():
         code, err = run_cli(["train", *SMOKE, "--steps", "4", f"--{field.replace('_', '-')}", value,
