@@ -105,7 +105,7 @@ def gaps(best: pd.DataFrame) -> pd.DataFrame:
             continue
         ref = reference_of(variant)
         g = paired_gap(best, {"variant": variant}, {"variant": ref}, value="heldout_ppl")
-        strongest = best_reference(best, ref) if "val_loss" in best else ref
+        strongest = best_reference(best, ref)
         to_best = paired_gap(best, {"variant": variant}, {"variant": strongest}, value="heldout_ppl")
         rows.append({"variant": variant, "reference": ref, "lr": runs["lr"].iloc[0],
                      "heldout_ppl": runs["heldout_ppl"].mean(), "gap_pct": g["mean"], "gap_lo": g["lo"],

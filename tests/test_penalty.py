@@ -44,7 +44,8 @@ def test_a_variant_is_the_run_lordo_train_makes_with_the_setups_fields(tmp_path,
 def test_gaps_pair_each_local_variant_with_its_reference_by_seed():
     rows = [("lowrank_ddp", 0, 100.0), ("lowrank_ddp", 1, 110.0), ("ddp", 0, 200.0), ("ddp", 1, 200.0),
             ("lordo", 0, 150.0), ("lordo", 1, 154.0), ("local_adam", 0, 220.0), ("local_adam", 1, 240.0)]
-    t = pd.DataFrame([{"variant": v, "seed": s, "heldout_ppl": x, "lr": 1e-2, "comm_bytes": 1} for v, s, x in rows])
+    t = pd.DataFrame([{"variant": v, "seed": s, "heldout_ppl": x, "val_loss": x, "lr": 1e-2, "comm_bytes": 1}
+                      for v, s, x in rows])
     g = penalty.gaps(t).set_index("variant")
     assert set(g.index) == {"lordo", "local_adam"}                    # every-step methods have no local penalty
     assert g.loc["lordo", "reference"] == "lowrank_ddp" and g.loc["local_adam", "reference"] == "ddp"
